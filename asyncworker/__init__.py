@@ -1,0 +1,62 @@
+"""asyncworker: a trio-native, Flask-like microframework for RabbitMQ workers.
+
+::
+
+    from asyncworker import App, Message
+
+    app = App(host="127.0.0.1", user="guest", password="guest", prefetch_count=256)
+
+    @app.route(["asgard/counts", "asgard/counts/errors"], vhost="fluentd")
+    async def drain_handler(message: Message) -> None:
+        print(message.queue, message.body)
+
+    app.run()
+"""
+
+from ._app import App as App
+from ._app import AppStatistics as AppStatistics
+from ._app import Backoff as Backoff
+from ._app import ConnectionEvent as ConnectionEvent
+from ._chain import CallNext as CallNext
+from ._chain import Handler as Handler
+from ._chain import Middleware as Middleware
+from ._consumer import ConsumerStatistics as ConsumerStatistics
+from ._exceptions import AsyncWorkerError as AsyncWorkerError
+from ._exceptions import AuthenticationError as AuthenticationError
+from ._exceptions import ChannelClosed as ChannelClosed
+from ._exceptions import ConnectError as ConnectError
+from ._exceptions import ConnectionClosed as ConnectionClosed
+from ._exceptions import MessageDecodeError as MessageDecodeError
+from ._exceptions import PublishError as PublishError
+from ._exceptions import PublishNacked as PublishNacked
+from ._exceptions import QueueNotFound as QueueNotFound
+from ._exceptions import Unroutable as Unroutable
+from ._message import Message as Message
+from ._message import Settlement as Settlement
+from ._transport import Properties as Properties
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "App",
+    "AppStatistics",
+    "AsyncWorkerError",
+    "AuthenticationError",
+    "Backoff",
+    "CallNext",
+    "ChannelClosed",
+    "ConnectError",
+    "ConnectionClosed",
+    "ConnectionEvent",
+    "ConsumerStatistics",
+    "Handler",
+    "Message",
+    "MessageDecodeError",
+    "Middleware",
+    "Properties",
+    "PublishError",
+    "PublishNacked",
+    "QueueNotFound",
+    "Settlement",
+    "Unroutable",
+]

@@ -1,0 +1,344 @@
+"""One consumer per (vhost, queue): channel, qos, limiter, hand-off, drain.
+
+The hot path, and why it looks the way it does:
+
+* The transport calls ``_on_delivery`` from its reader task for every
+  delivery.  It must never block (it would stall every channel of the
+  connection, heartbeats included), so it only wraps the delivery in a
+  ``Message``, appends it to a deque and wakes a worker.
+* Handlers run in *worker tasks*, each holding one token of the consumer's
+  ``trio.CapacityLimiter(prefetch_count)``.  Workers are started on demand
+  (when a message arrives and no worker is idle) and retire after
+  ``_IDLE_SECONDS`` without work.  Starting a task per message costs about
+  four times more CPU than handing the message to a parked worker, so at
+  most ``prefetch_count`` long-lived workers do the job; the limiter is the
+  bound, and the broker's ``basic.qos(prefetch_count)`` guarantees a
+  delivered message always finds a worker (or a free token to start one).
+* Workers live in a nursery that outlives a connection: after a connection
+  drops, in-flight handlers finish, their settlement is skipped (it belongs to
+  the dead channel; the broker redelivers) and messages that had not started
+  are dropped for the same reason.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import math
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import trio
+
+from ._exceptions import AsyncWorkerError, ChannelClosed, ConnectionClosed, QueueNotFound
+from ._message import Message, _Tally
+
+if TYPE_CHECKING:
+    from ._app import App, _Route
+    from ._chain import CallNext
+    from ._transport import Channel, Connection, Delivery
+
+__all__ = ["ConsumerStatistics"]
+
+logger = logging.getLogger("asyncworker")
+
+#: A worker with nothing to do for this long returns its limiter token.
+_IDLE_SECONDS = 10.0
+#: Bounds of the delay between attempts to consume a queue that is missing.
+_MISSING_QUEUE_RETRY = (1.0, 30.0)
+
+
+@dataclass(frozen=True, slots=True)
+class ConsumerStatistics:
+    """A snapshot of one consumer (one queue of one vhost)."""
+
+    #: The queue consumed.
+    queue: str
+    #: Its vhost.
+    vhost: str
+    #: Whether a ``basic.consume`` is registered on the broker right now.
+    consuming: bool
+    #: Messages delivered since the App started.
+    received: int
+    #: Handlers running now.
+    in_flight: int
+    #: Messages delivered and waiting for a worker.
+    waiting: int
+    #: Worker tasks alive (each holds one limiter token).
+    workers: int
+    acked: int
+    requeued: int
+    rejected: int
+    #: Messages whose channel closed before they were settled (redelivered by the broker).
+    lost: int
+    #: Why the consumer is not consuming, when it is not.
+    problem: str | None
+
+
+class Consumer:
+    """Consumes one queue for one route, across reconnections."""
+
+    def __init__(self, app: App, route: _Route, queue: str, chain: CallNext) -> None:
+        self.app = app
+        self.route = route
+        self.queue = queue
+        self.vhost = route.vhost
+        self._chain = chain
+        self._prefetch = app.prefetch_count
+        self._limiter = trio.CapacityLimiter(self._prefetch)
+        self._pending: collections.deque[Message] = collections.deque()
+        self._lot = trio.lowlevel.ParkingLot()
+        self._workers = 0
+        self._in_flight = 0
+        self._received = 0
+        self._tally = _Tally()
+        self._idle = trio.Event()
+        self._idle.set()
+        self._closing = False
+        self._channel: Channel | None = None
+        self._consumer_tag: str | None = None
+        self._problem: str | None = "not started"
+        self._worker_nursery: trio.Nursery | None = None
+        self._wake: trio.Event | None = None
+
+    # -- hot path --------------------------------------------------------
+
+    def _delivery_callback(self, channel: Channel) -> Callable[[Delivery], None]:
+        queue = self.queue
+        vhost = self.vhost
+        app = self.app
+        tally = self._tally
+        pending = self._pending
+        lot = self._lot
+
+        def on_delivery(delivery: Delivery) -> None:
+            pending.append(
+                Message(delivery, queue=queue, vhost=vhost, channel=channel, app=app, tally=tally)
+            )
+            self._received += 1
+            if lot:
+                lot.unpark()
+            elif self._workers < self._prefetch:
+                self._start_worker()
+
+        return on_delivery
+
+    def _start_worker(self) -> None:
+        assert self._worker_nursery is not None
+        self._workers += 1
+        self._worker_nursery.start_soon(self._worker, name=f"asyncworker worker {self.queue!r}")
+
+    async def _worker(self) -> None:
+        token = object()
+        self._limiter.acquire_on_behalf_of_nowait(token)
+        pending = self._pending
+        chain = self._chain
+        try:
+            while True:
+                if pending:
+                    message = pending.popleft()
+                    if not message._channel.is_open:
+                        # Not started and its channel is gone: the broker has
+                        # put it back in the queue already.
+                        message._settle_lost()
+                        continue
+                    self._in_flight += 1
+                    if self._idle.is_set():
+                        self._idle = trio.Event()
+                    try:
+                        await chain(message)
+                    except Exception:  # pragma: no cover - AckRequeue swallows these
+                        logger.exception("unexpected error in the chain of queue %r", self.queue)
+                    finally:
+                        self._in_flight -= 1
+                        if self._in_flight == 0:
+                            self._idle.set()
+                    continue
+                if self._closing:
+                    return
+                with trio.move_on_after(_IDLE_SECONDS) as scope:
+                    await self._lot.park()
+                if scope.cancelled_caught and not pending:
+                    return
+        finally:
+            self._workers -= 1
+            self._limiter.release_on_behalf_of(token)
+
+    # -- lifecycle ---------------------------------------------------------
+
+    async def run(
+        self,
+        connection: Connection,
+        worker_nursery: trio.Nursery,
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Consume on ``connection`` until it closes or the App stops.
+
+        Reports started once ``basic.consume`` is registered, or once the queue
+        was found missing (it then keeps trying in the background, so that one
+        missing queue never holds up the others).
+        """
+        self._worker_nursery = worker_nursery
+        delay = _MISSING_QUEUE_RETRY[0]
+        started = False
+        stop = self.app._stop_event
+        while connection.is_open and not stop.is_set():
+            try:
+                channel = await self._subscribe(connection)
+            except QueueNotFound as exc:
+                self._problem = f"queue {self.queue!r} not found in vhost {self.vhost!r}"
+                logger.error(
+                    "cannot consume queue %r in vhost %r: it does not exist (%s); the other "
+                    "queues go on, and this one is retried in %.0f s (use "
+                    "route(..., declare=True) to declare it)",
+                    self.queue,
+                    self.vhost,
+                    exc.reply_text,
+                    delay,
+                )
+                if not started:
+                    task_status.started()
+                    started = True
+                await _sleep_unless(stop, delay)
+                delay = min(delay * 2, _MISSING_QUEUE_RETRY[1])
+                continue
+            except (ChannelClosed, ConnectionClosed) as exc:
+                self._problem = str(exc)
+                if not started:
+                    task_status.started()
+                    started = True
+                return
+            delay = _MISSING_QUEUE_RETRY[0]
+            self._problem = None
+            if not started:
+                task_status.started()
+                started = True
+            cancelled_by_broker = await self._consume_until_woken(channel)
+            if stop.is_set():
+                await self._stop_consuming(channel)
+                return
+            if cancelled_by_broker:
+                logger.warning(
+                    "the broker cancelled the consumer of queue %r in vhost %r (queue "
+                    "deleted?); consuming it again as soon as it exists",
+                    self.queue,
+                    self.vhost,
+                )
+                self._problem = f"consumer of queue {self.queue!r} cancelled by the broker"
+                self.app._report("consumer_cancelled", self.vhost, self.queue, None)
+                with trio.move_on_after(5) as scope:
+                    scope.shield = True
+                    await channel.close()
+                continue
+        if not started:
+            task_status.started()
+
+    async def _subscribe(self, connection: Connection) -> Channel:
+        channel = await connection.channel()
+        try:
+            await channel.qos(self._prefetch)
+            if self.route.declare:
+                await channel.queue_declare(self.queue, durable=True)
+            self._wake = trio.Event()
+            self._consumer_tag = await channel.consume(
+                self.queue, self._delivery_callback(channel), self._on_cancel
+            )
+        except BaseException:
+            if channel.is_open:
+                with trio.move_on_after(5) as scope:
+                    scope.shield = True
+                    await channel.close()
+            raise
+        self._channel = channel
+        logger.info(
+            "consuming queue %r in vhost %r (prefetch %d)", self.queue, self.vhost, self._prefetch
+        )
+        return channel
+
+    def _on_cancel(self, consumer_tag: str) -> None:
+        if consumer_tag == self._consumer_tag and self._wake is not None:
+            self._consumer_tag = None
+            self._wake.set()
+
+    async def _consume_until_woken(self, channel: Channel) -> bool:
+        """Wait until the channel closes, the broker cancels us, or the App stops.
+
+        Returns True if the broker cancelled the consumer.
+        """
+        wake = self._wake
+        assert wake is not None
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_set_after, channel.wait_closed, wake)
+            nursery.start_soon(_set_after, self.app._stop_event.wait, wake)
+            await wake.wait()
+            nursery.cancel_scope.cancel()
+        if not channel.is_open:
+            reason = channel.close_reason
+            self._problem = f"channel closed: {reason}"
+            self._channel = None
+            self._consumer_tag = None
+            # Messages waiting for a worker belong to the dead channel: the
+            # broker requeued them; drop them (workers skip them too).
+            while self._pending and not self._pending[0]._channel.is_open:
+                self._pending.popleft()._settle_lost()
+            return False
+        return self._consumer_tag is None
+
+    async def _stop_consuming(self, channel: Channel) -> None:
+        """Graceful drain: cancel the consumer, requeue what has not started,
+        wait for in-flight handlers (the App enforces the grace period by
+        cancelling the workers), then close the channel."""
+        self._problem = "stopping"
+        with trio.CancelScope(shield=True):
+            tag = self._consumer_tag
+            self._consumer_tag = None
+            if tag is not None and channel.is_open:
+                with trio.move_on_after(5):
+                    try:
+                        await channel.cancel(tag)
+                    except AsyncWorkerError as exc:
+                        logger.debug("basic.cancel of queue %r failed: %s", self.queue, exc)
+            self._closing = True
+            # Deliveries that arrived but never started go back to the queue.
+            while self._pending:
+                self._pending.popleft()._settle_requeue()
+            self._lot.unpark_all()
+        await self._idle.wait()
+        with trio.CancelScope(shield=True), trio.move_on_after(5):
+            try:
+                await channel.close()
+            except AsyncWorkerError as exc:
+                logger.debug("closing the channel of queue %r failed: %s", self.queue, exc)
+        self._channel = None
+        self._problem = "stopped"
+
+    def statistics(self) -> ConsumerStatistics:
+        """A snapshot of this consumer's state and counters."""
+        tally = self._tally
+        return ConsumerStatistics(
+            queue=self.queue,
+            vhost=self.vhost,
+            consuming=self._consumer_tag is not None,
+            received=self._received,
+            in_flight=self._in_flight,
+            waiting=len(self._pending),
+            workers=self._workers,
+            acked=tally.acked,
+            requeued=tally.requeued,
+            rejected=tally.rejected,
+            lost=tally.lost,
+            problem=self._problem,
+        )
+
+
+async def _set_after(wait: Callable[[], Awaitable[object]], event: trio.Event) -> None:
+    await wait()
+    event.set()
+
+
+async def _sleep_unless(event: trio.Event, seconds: float) -> None:
+    """Sleep ``seconds``, or less if ``event`` gets set."""
+    with trio.move_on_after(seconds if math.isfinite(seconds) else math.inf):
+        await event.wait()

@@ -1,0 +1,150 @@
+"""Exceptions raised by asyncworker.
+
+The hierarchy::
+
+    AsyncWorkerError                 base of everything asyncworker raises on purpose
+    ├── ConnectError                 could not open a connection (broker down, bad login, no vhost)
+    │   └── AuthenticationError      the broker refused the user or password
+    ├── ConnectionClosed             an open connection was lost or closed by the broker
+    ├── ChannelClosed                the broker closed a channel (reply_code / reply_text say why)
+    │   └── QueueNotFound            a queue or exchange that was used does not exist (404)
+    ├── PublishError                 a publish was not accepted
+    │   ├── PublishNacked            the broker answered basic.nack to a confirmed publish
+    │   └── Unroutable               a mandatory publish was returned: no queue was bound
+    ├── MessageDecodeError           a message body could not be decoded (``Message.json()``)
+    └── HandlerTimeout               a handler ran longer than its ``Timeout`` middleware allows
+
+Errors from the AMQP client are translated into these at the transport seam,
+so user code never needs to import the client's own exceptions.  No message
+here ever contains a password.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "AsyncWorkerError",
+    "AuthenticationError",
+    "ChannelClosed",
+    "ConnectError",
+    "ConnectionClosed",
+    "HandlerTimeout",
+    "MessageDecodeError",
+    "PublishError",
+    "PublishNacked",
+    "QueueNotFound",
+    "Unroutable",
+]
+
+
+class AsyncWorkerError(Exception):
+    """Base class of every error asyncworker raises on purpose."""
+
+
+class ConnectError(AsyncWorkerError):
+    """A connection to the broker could not be opened.
+
+    The message names the host, port and vhost and what went wrong, never the
+    password.
+    """
+
+
+class AuthenticationError(ConnectError):
+    """The broker refused the credentials."""
+
+
+class ConnectionClosed(AsyncWorkerError):
+    """The connection was lost, or closed by the broker or by us.
+
+    Attributes:
+        reply_code: the AMQP reply code when the broker closed it, else 0.
+        reply_text: the broker's reason, or a description of the local error.
+    """
+
+    def __init__(self, reply_text: str, reply_code: int = 0) -> None:
+        super().__init__(
+            f"connection closed: {reply_text}" + (f" ({reply_code})" if reply_code else "")
+        )
+        self.reply_code = reply_code
+        self.reply_text = reply_text
+
+
+class ChannelClosed(AsyncWorkerError):
+    """The broker closed a channel, or the channel went down with its connection.
+
+    Attributes:
+        reply_code: the AMQP reply code (404 not found, 406 precondition failed, ...), or 0.
+        reply_text: the broker's reason.
+    """
+
+    def __init__(self, reply_text: str, reply_code: int = 0) -> None:
+        super().__init__(
+            f"channel closed: {reply_text}" + (f" ({reply_code})" if reply_code else "")
+        )
+        self.reply_code = reply_code
+        self.reply_text = reply_text
+
+
+class QueueNotFound(ChannelClosed):
+    """A queue or exchange that was used does not exist (AMQP 404 NOT_FOUND)."""
+
+
+class PublishError(AsyncWorkerError):
+    """A publish was not accepted by the broker."""
+
+
+class PublishNacked(PublishError):
+    """The broker answered ``basic.nack`` to a confirmed publish."""
+
+
+class Unroutable(PublishError):
+    """A ``mandatory`` publish was returned because no queue was bound to receive it.
+
+    Attributes:
+        reply_code: the AMQP reply code (312 NO_ROUTE).
+        reply_text: the broker's reason.
+    """
+
+    def __init__(self, exchange: str, routing_key: str, reply_text: str, reply_code: int) -> None:
+        super().__init__(
+            f"message to exchange {exchange!r} with routing key {routing_key!r} was "
+            f"returned as unroutable: {reply_text} ({reply_code}); bind a queue to it "
+            "or publish with mandatory=False"
+        )
+        self.reply_code = reply_code
+        self.reply_text = reply_text
+
+
+class MessageDecodeError(AsyncWorkerError, ValueError):
+    """A message body could not be decoded as requested.
+
+    Raised by ``Message.json()`` and ``Message.text``; the message names the
+    queue and delivery tag so that the poison message can be found.
+    """
+
+
+class HandlerTimeout(AsyncWorkerError):
+    """A handler ran longer than the ``Timeout`` middleware of its route allows.
+
+    Raised by ``asyncworker.middlewares.Timeout`` once it has cancelled the
+    rest of the chain; the settlement policy then requeues (or rejects) the
+    message and logs this error.  Raise the timeout, or make the handler
+    faster, if it fires on messages that should succeed.
+
+    Attributes:
+        queue: the queue the message came from.
+        delivery_tag: the delivery tag of the message.
+        seconds: the time limit that was exceeded.
+    """
+
+    def __init__(self, queue: str, delivery_tag: int, seconds: float) -> None:
+        super().__init__(
+            f"handler of message {delivery_tag} from queue {queue!r} did not finish "
+            f"within {seconds:g} s and was cancelled; raise Timeout(seconds) if it "
+            "needs more time"
+        )
+        self.queue = queue
+        self.delivery_tag = delivery_tag
+        self.seconds = seconds
+
+    def __reduce__(self) -> tuple[type[HandlerTimeout], tuple[str, int, float]]:
+        return (type(self), (self.queue, self.delivery_tag, self.seconds))

@@ -1,0 +1,190 @@
+"""Test infrastructure: the anyio plugin on trio, and the real RabbitMQ.
+
+Tests marked ``rabbitmq`` need a broker on 127.0.0.1:5672 (guest/guest).
+When none answers they are skipped on a developer's machine, and they FAIL
+when ``CI=true`` or ``ASYNCWORKER_REQUIRE_BROKER=1``: CI must never go green
+by skipping the tests that matter.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+import shutil
+import socket
+import subprocess
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import pytest
+import trio
+
+from asyncworker._transport import Channel, ConnectionParams, Properties, connect
+
+BROKER_HOST = os.environ.get("ASYNCWORKER_TEST_HOST", "127.0.0.1")
+BROKER_PORT = int(os.environ.get("ASYNCWORKER_TEST_PORT", "5672"))
+BROKER_URL = f"amqp://guest:guest@{BROKER_HOST}:{BROKER_PORT}/"
+REQUIRE_BROKER = (
+    os.environ.get("CI", "").lower() == "true"
+    or os.environ.get("ASYNCWORKER_REQUIRE_BROKER") == "1"
+)
+
+
+def _broker_answers() -> bool:
+    try:
+        with socket.create_connection((BROKER_HOST, BROKER_PORT), timeout=2):
+            return True
+    except OSError:
+        return False
+
+
+_BROKER_UP: bool | None = None
+
+
+def broker_up() -> bool:
+    global _BROKER_UP
+    if _BROKER_UP is None:
+        _BROKER_UP = _broker_answers()
+    return _BROKER_UP
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    if item.get_closest_marker("rabbitmq") is None or broker_up():
+        return
+    reason = f"no RabbitMQ answers on {BROKER_HOST}:{BROKER_PORT}"
+    if REQUIRE_BROKER:
+        pytest.fail(f"{reason}, and CI=true / ASYNCWORKER_REQUIRE_BROKER=1 require one")
+    pytest.skip(f"{reason} (start one, or set CI=true to make this a failure)")
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "trio"
+
+
+def unique(prefix: str = "q") -> str:
+    """A queue/vhost name no other test (or test run) uses."""
+    return f"aw-test-{prefix}-{uuid.uuid4().hex[:10]}"
+
+
+class Broker:
+    """Direct access to the test broker through the transport seam: declare,
+    publish, count, clean up.  Everything it declares is deleted afterwards."""
+
+    def __init__(self, channel: Channel, url: str) -> None:
+        self.channel = channel
+        self.url = url
+        self.declared: list[str] = []
+
+    def queue_name(self, prefix: str = "q") -> str:
+        name = unique(prefix)
+        self.declared.append(name)
+        return name
+
+    async def declare(self, prefix: str = "q", **arguments: Any) -> str:
+        name = self.queue_name(prefix)
+        await self.channel.queue_declare(name, durable=True, arguments=arguments or None)
+        return name
+
+    async def publish(
+        self, queue: str, body: bytes, *, headers: dict[str, Any] | None = None, **props: Any
+    ) -> None:
+        await self.channel.publish(
+            body,
+            routing_key=queue,
+            properties=Properties(delivery_mode=2, headers=headers, **props),
+        )
+
+    async def publish_many(self, queue: str, bodies: list[bytes]) -> None:
+        async with trio.open_nursery() as nursery:
+            for body in bodies:
+                nursery.start_soon(self.publish, queue, body)
+
+    async def count(self, queue: str) -> int:
+        """Ready messages in ``queue`` (unacked ones are not counted)."""
+        info = await self.channel.queue_declare(queue, passive=True)
+        return info.message_count
+
+    async def settled_count(self, queue: str, expected: int, timeout: float = 10.0) -> int:
+        """The ready count of ``queue`` once it equals ``expected`` (or after ``timeout``).
+
+        RabbitMQ requeues a closed channel's messages asynchronously, so right
+        after a consumer closed, the count may still be on its way.
+        """
+        with trio.move_on_after(timeout):
+            while await self.count(queue) != expected:
+                await trio.sleep(0.02)
+        return await self.count(queue)
+
+    async def drain(self, queue: str) -> list[bytes]:
+        bodies = []
+        while (delivery := await self.channel.get(queue, no_ack=True)) is not None:
+            bodies.append(delivery.body)
+        return bodies
+
+
+@asynccontextmanager
+async def open_broker(url: str = BROKER_URL) -> AsyncIterator[Broker]:
+    async with connect(ConnectionParams.from_url(url)) as connection:
+        channel = await connection.channel()
+        await channel.confirm_select()
+        broker = Broker(channel, url)
+        try:
+            yield broker
+        finally:
+            with trio.CancelScope(shield=True), trio.move_on_after(10):
+                cleanup = channel if channel.is_open else await connection.channel()
+                for name in broker.declared:
+                    for suffix in ("", ".dlq"):
+                        try:
+                            await cleanup.queue_delete(name + suffix)
+                        except Exception:
+                            if not cleanup.is_open:
+                                cleanup = await connection.channel()
+
+
+@pytest.fixture
+async def broker() -> AsyncIterator[Broker]:
+    """A confirm-mode channel on the real broker's vhost ``/``."""
+    async with open_broker() as b:
+        yield b
+
+
+def rabbitmqctl(*args: str) -> str:
+    """Run ``rabbitmqctl``; skip (or fail in CI) if it is not available."""
+    if shutil.which("rabbitmqctl") is None:
+        if REQUIRE_BROKER:
+            pytest.fail("rabbitmqctl is needed by this test and is not on PATH")
+        pytest.skip("rabbitmqctl is not on PATH")
+    result = subprocess.run(
+        ["rabbitmqctl", *args], capture_output=True, text=True, timeout=120, check=False
+    )
+    if result.returncode != 0:
+        raise RuntimeError(f"rabbitmqctl {' '.join(args)} failed: {result.stderr.strip()}")
+    return result.stdout
+
+
+@pytest.fixture
+def vhost() -> Iterator[str]:
+    """A fresh vhost on the real broker with guest allowed, deleted afterwards."""
+    name = unique("vhost")
+    rabbitmqctl("add_vhost", name)
+    rabbitmqctl("set_permissions", "-p", name, "guest", ".*", ".*", ".*")
+    try:
+        yield name
+    finally:
+        rabbitmqctl("delete_vhost", name)
+
+
+async def wait_for(predicate: Any, timeout: float = 10.0, interval: float = 0.01) -> None:
+    """Wait until ``predicate()`` (sync or async) is true; fail after ``timeout`` s."""
+    with trio.fail_after(timeout):
+        while True:
+            result = predicate()
+            if inspect.isawaitable(result):
+                result = await result
+            if result:
+                return
+            await trio.sleep(interval)

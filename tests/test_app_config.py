@@ -1,0 +1,101 @@
+"""App configuration errors: caught at construction or registration, with a fix."""
+
+from __future__ import annotations
+
+import pytest
+
+from asyncworker import App, Message
+from asyncworker.middlewares import AckRequeue, Action
+
+
+async def handler(message: Message) -> None:
+    pass
+
+
+def test_unknown_keyword_is_a_type_error() -> None:
+    with pytest.raises(TypeError, match="prefech_count"):
+        App(host="h", user="u", password="p", prefech_count=10)  # type: ignore[call-arg]
+
+
+@pytest.mark.parametrize("value", [0, -1, 70000])
+def test_prefetch_out_of_range_is_a_value_error(value: int) -> None:
+    with pytest.raises(ValueError, match="prefetch_count must be between 1 and 65535"):
+        App(prefetch_count=value)
+
+
+def test_prefetch_must_be_an_int() -> None:
+    with pytest.raises(TypeError, match="prefetch_count must be an int"):
+        App(prefetch_count="10")  # type: ignore[arg-type]
+
+
+def test_empty_queue_list_is_a_value_error() -> None:
+    app = App()
+    with pytest.raises(ValueError, match="at least one queue"):
+        app.route([])
+
+
+def test_sync_handler_is_a_type_error() -> None:
+    app = App()
+
+    def sync_handler(message: Message) -> None:
+        pass
+
+    with pytest.raises(TypeError, match="must be an async function"):
+        app.route(["q"])(sync_handler)  # type: ignore[type-var]
+
+
+def test_a_queue_has_one_route_per_vhost() -> None:
+    app = App()
+    app.route(["q"])(handler)
+    with pytest.raises(ValueError, match="already has a handler"):
+        app.route(["q"])(handler)
+    app.route(["q"], vhost="other")(handler)  # another vhost is another queue
+
+
+def test_url_and_host_are_exclusive_and_password_is_never_shown() -> None:
+    with pytest.raises(ValueError) as info:
+        App(url="amqp://u:topsecret@h/", host="h")
+    assert "topsecret" not in str(info.value)
+    app = App(url="amqp://u:topsecret@h:1234/v%2Fx")
+    assert "topsecret" not in repr(app) and "topsecret" not in app.url
+    assert app.url == "amqp://u:***@h:1234/v%2Fx"
+
+
+def test_unsupported_url_scheme() -> None:
+    with pytest.raises(ValueError, match="use amqp://, amqps:// or memory://"):
+        App(url="http://h/")
+
+
+def test_settlement_policy_is_not_a_middleware() -> None:
+    with pytest.raises(ValueError, match="settlement=AckRequeue"):
+        App(middlewares=[AckRequeue()])
+
+
+def test_middleware_class_instead_of_instance() -> None:
+    class Mw:
+        async def __call__(self, message: Message, call_next: object) -> None:
+            pass
+
+    with pytest.raises(TypeError, match="pass an instance"):
+        App(middlewares=[Mw])  # type: ignore[list-item]
+
+
+def test_sync_middleware_is_a_type_error() -> None:
+    def mw(message: Message, call_next: object) -> None:
+        pass
+
+    with pytest.raises(TypeError, match="async callable"):
+        App(middlewares=[mw])  # type: ignore[list-item]
+
+
+def test_ack_requeue_actions_are_validated() -> None:
+    with pytest.raises(TypeError, match="Action"):
+        AckRequeue(on_exception="reject")  # type: ignore[arg-type]
+    assert AckRequeue(on_exception=Action.REJECT).on_exception is Action.REJECT
+
+
+def test_routes_after_serving_started_are_refused() -> None:
+    app = App()
+    app._serving = True
+    with pytest.raises(RuntimeError, match="before serve"):
+        app.route(["q"])
