@@ -1,0 +1,162 @@
+"""``Logging``: one structured log line per message."""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from .._chain import CallNext
+from .._exceptions import HandlerTimeout
+from .._message import Message, Settlement
+
+__all__ = ["Logging"]
+
+_SETTLED = {
+    Settlement.ACK: "acked",
+    Settlement.REQUEUE: "requeued",
+    Settlement.REJECT: "rejected",
+    Settlement.LOST: "lost",
+}
+
+
+class Logging:
+    """Write one log line per message: where it came from, how it ended, how long it took.
+
+    The line reads like::
+
+        message 7 from queue 'orders' (vhost '/', redelivered=False): acked in 12.3 ms
+
+    and the same data is attached to the record as ``extra`` fields, so that a
+    JSON formatter picks them up: ``queue``, ``vhost``, ``delivery_tag``,
+    ``redelivered``, ``outcome``, ``duration_ms``, plus ``error`` (the
+    exception's type and message) when the chain raised, and ``body`` when
+    ``log_body`` is on.
+
+    ``outcome`` is what the chain did, as seen from this middleware:
+
+    * ``acked``, ``requeued``, ``rejected``: the chain returned and the message
+      was settled that way, by the handler or a middleware after this one
+      (``Retry`` acks the original of a message it republished or
+      dead-lettered).  A message still unsettled when the chain returns is
+      reported ``acked``: the settlement policy acks it right after (unless it
+      was configured with another ``on_success`` action).
+    * ``lost``: the channel closed before the message could be settled; the
+      broker redelivers it.
+    * ``failed``: the chain raised; the settlement policy requeues or rejects
+      the message and logs the traceback.
+    * ``timeout``: the chain raised ``HandlerTimeout`` (a ``Timeout``
+      middleware after this one fired).
+    * ``cancelled``: the worker was shut down while the message was handled.
+
+    Successes are logged at ``level``; ``failed``, ``timeout`` and
+    ``cancelled`` at ``level`` or WARNING, whichever is higher.  Bodies are
+    never logged unless ``log_body`` is true (they may hold personal data);
+    then at most ``max_body`` bytes, decoded as UTF-8 with replacement
+    characters.  Exceptions go on to the settlement policy untouched.
+
+    Args:
+        logger: a ``logging.Logger``, or a logger name; ``"asyncworker"`` by default.
+        level: the level of the line for a message that succeeded.
+        log_body: also log (the start of) the body.
+        max_body: how many bytes of the body to log, at most (>= 0).
+    """
+
+    __slots__ = ("level", "log_body", "logger", "max_body")
+
+    def __init__(
+        self,
+        logger: logging.Logger | str | None = None,
+        level: int = logging.INFO,
+        log_body: bool = False,
+        max_body: int = 1024,
+    ) -> None:
+        if isinstance(level, bool) or not isinstance(level, int):
+            raise TypeError(
+                f"Logging(level=...) takes a logging level such as logging.INFO, got {level!r}"
+            )
+        if isinstance(max_body, bool) or not isinstance(max_body, int) or max_body < 0:
+            raise ValueError(f"Logging(max_body=...) must be an int >= 0, got {max_body!r}")
+        if logger is None:
+            logger = logging.getLogger("asyncworker")
+        elif isinstance(logger, str):
+            logger = logging.getLogger(logger)
+        elif not isinstance(logger, logging.Logger):
+            raise TypeError(
+                f"Logging(logger=...) takes a logging.Logger or a logger name, got {logger!r}"
+            )
+        #: Where the lines go.
+        self.logger: logging.Logger = logger
+        #: The level of a success line.
+        self.level = level
+        #: Whether the body is logged.
+        self.log_body = log_body
+        #: How many bytes of the body are logged, at most.
+        self.max_body = max_body
+
+    def __repr__(self) -> str:
+        return (
+            f"Logging(logger={self.logger.name!r}, level={logging.getLevelName(self.level)}, "
+            f"log_body={self.log_body})"
+        )
+
+    async def __call__(self, message: Message, call_next: CallNext) -> Any:
+        start = time.perf_counter()
+        try:
+            result = await call_next(message)
+        except BaseException as exc:
+            if isinstance(exc, HandlerTimeout):
+                outcome = "timeout"
+            elif isinstance(exc, Exception):
+                outcome = "failed"
+            else:
+                # trio.Cancelled (shutdown), KeyboardInterrupt, groups of them.
+                outcome = "cancelled"
+            self._emit(message, outcome, start, exc)
+            raise
+        settlement = message.settlement
+        self._emit(message, "acked" if settlement is None else _SETTLED[settlement], start, None)
+        return result
+
+    def _emit(
+        self, message: Message, outcome: str, start: float, exc: BaseException | None
+    ) -> None:
+        duration_ms = round((time.perf_counter() - start) * 1000, 3)
+        extra: dict[str, Any] = {
+            "queue": message.queue,
+            "vhost": message.vhost,
+            "delivery_tag": message.delivery_tag,
+            "redelivered": message.redelivered,
+            "outcome": outcome,
+            "duration_ms": duration_ms,
+        }
+        text = "message %d from queue %r (vhost %r, redelivered=%s): %s in %.1f ms"
+        args: list[Any] = [
+            message.delivery_tag,
+            message.queue,
+            message.vhost,
+            message.redelivered,
+            outcome,
+            duration_ms,
+        ]
+        level = self.level
+        if exc is not None:
+            level = max(level, logging.WARNING)
+            extra["error"] = _describe(exc)
+            text += ": %s"
+            args.append(extra["error"])
+        if self.log_body:
+            body = message.body
+            shown = body[: self.max_body].decode("utf-8", errors="replace")
+            if len(body) > self.max_body:
+                shown += f"... ({len(body)} bytes)"
+            extra["body"] = shown
+            text += "; body %r"
+            args.append(shown)
+        self.logger.log(level, text, *args, extra=extra)
+
+
+def _describe(exc: BaseException) -> str:
+    detail = str(exc)
+    name = type(exc).__qualname__
+    return f"{name}: {detail}" if detail else name
