@@ -146,6 +146,8 @@ class App:
         on_connection_event: a callback (sync or async) receiving a
             ``ConnectionEvent`` for each connection failure and recovery.
         connect_timeout: seconds to open a connection.
+        name: the connection name the broker shows (management UI,
+            ``rabbitmqctl list_connections client_properties``).
     """
 
     def __init__(
@@ -165,6 +167,7 @@ class App:
         reconnect: Backoff | None = None,
         on_connection_event: Callable[[ConnectionEvent], Any] | None = None,
         connect_timeout: float = 10.0,
+        name: str = "asyncworker",
     ) -> None:
         if isinstance(prefetch_count, bool) or not isinstance(prefetch_count, int):
             raise TypeError(f"prefetch_count must be an int, got {prefetch_count!r}")
@@ -180,7 +183,11 @@ class App:
         if reconnect is not None and not isinstance(reconnect, Backoff):
             raise TypeError(f"reconnect must be an asyncworker.Backoff, got {reconnect!r}")
         ssl_context = _ssl.create_default_context() if ssl is True else (ssl or None)
-        common: dict[str, Any] = {"heartbeat": heartbeat, "connect_timeout": connect_timeout}
+        common: dict[str, Any] = {
+            "heartbeat": heartbeat,
+            "connect_timeout": connect_timeout,
+            "client_name": name,
+        }
         if ssl_context is not None:
             common["ssl"] = ssl_context
         if url is not None:
