@@ -1,0 +1,426 @@
+"""The trio-native AMQP client (``asyncworker._amqp``) against the real broker."""
+
+from __future__ import annotations
+
+import datetime
+import subprocess
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import replace
+
+import pytest
+import trio
+
+from asyncworker._amqp import AMQPChannel, AMQPConnection, connect
+from asyncworker._exceptions import (
+    AuthenticationError,
+    ChannelClosed,
+    ConnectError,
+    ConnectionClosed,
+    QueueNotFound,
+    Unroutable,
+)
+from asyncworker._transport import ConnectionParams, Delivery, Properties
+
+pytestmark = [pytest.mark.anyio, pytest.mark.rabbitmq]
+
+PARAMS = ConnectionParams(host="127.0.0.1", port=5672, user="guest", password="guest")
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "trio"
+
+
+def qname(prefix: str = "amqp") -> str:
+    return f"aw-test-{prefix}-{uuid.uuid4().hex[:12]}"
+
+
+@asynccontextmanager
+async def open_channel(
+    queue: str | None = None,
+) -> AsyncIterator[tuple[AMQPConnection, AMQPChannel]]:
+    """A connection and channel; ``queue`` is declared and deleted afterwards."""
+    async with connect(PARAMS) as conn:
+        ch = await conn.channel()
+        if queue is not None:
+            await ch.queue_declare(queue)
+        try:
+            yield conn, ch
+        finally:
+            if queue is not None:
+                with trio.CancelScope(shield=True), trio.move_on_after(5):
+                    cleanup = ch if ch.is_open else await conn.channel()
+                    await cleanup.queue_delete(queue)
+
+
+async def test_connect_and_negotiate() -> None:
+    with trio.fail_after(10):
+        async with connect(PARAMS) as conn:
+            assert conn.is_open
+            assert conn.close_reason is None
+            assert conn.frame_max == 131072
+            assert conn.heartbeat == 60  # RabbitMQ offers 60, we ask 60
+            ch = await conn.channel()
+            assert ch.is_open and ch.channel_id == 1
+            ch2 = await conn.channel()
+            assert ch2.channel_id == 2
+            await ch.close()
+            assert not ch.is_open
+            assert isinstance(ch.close_reason, ChannelClosed)
+            # Freed channel numbers are reused.
+            ch3 = await conn.channel()
+            assert ch3.channel_id == 1
+        assert not conn.is_open
+        assert isinstance(conn.close_reason, ConnectionClosed)
+        assert isinstance(ch2.close_reason, ConnectionClosed)
+        with pytest.raises(ConnectionClosed):
+            await conn.channel()
+
+
+async def test_bad_password_is_authentication_error() -> None:
+    params = replace(PARAMS, password="s3cret-wrong-pw")
+    with trio.fail_after(5):
+        with pytest.raises(AuthenticationError) as info:
+            async with connect(params):
+                pytest.fail("connected with a wrong password")
+    message = str(info.value)
+    assert "s3cret-wrong-pw" not in message
+    assert "guest@127.0.0.1:5672" in message
+
+
+async def test_missing_vhost_is_connect_error() -> None:
+    vhost = f"aw-test-missing-{uuid.uuid4().hex[:8]}"
+    with trio.fail_after(5):
+        with pytest.raises(ConnectError) as info:
+            async with connect(replace(PARAMS, vhost=vhost)):
+                pytest.fail("connected to a missing vhost")
+    assert not isinstance(info.value, AuthenticationError)
+    assert vhost in str(info.value)
+
+
+async def test_unreachable_port_is_connect_error() -> None:
+    params = replace(PARAMS, port=1, connect_timeout=3)
+    with trio.fail_after(5):
+        with pytest.raises(ConnectError) as info:
+            async with connect(params):
+                pytest.fail("connected to port 1")
+    assert str(info.value).startswith("cannot connect to amqp://guest@127.0.0.1:1 vhost '/': ")
+    assert "guest" not in str(info.value).replace("guest@", "")
+
+
+async def test_publish_get_round_trip_with_properties() -> None:
+    queue = qname()
+    props = Properties(
+        content_type="application/json",
+        content_encoding="utf-8",
+        headers={"x-int": 7, "x-str": "v", "x-bool": True, "x-nested": {"a": [1, 2]}},
+        delivery_mode=2,
+        priority=3,
+        correlation_id="corr",
+        reply_to="replies",
+        expiration="60000",
+        message_id="mid-1",
+        timestamp=datetime.datetime(2024, 1, 2, 3, 4, 5, tzinfo=datetime.UTC),
+        type="event.kind",
+        user_id="guest",
+        app_id="tests",
+    )
+    with trio.fail_after(10):
+        async with open_channel(queue) as (_, ch):
+            await ch.publish(b'{"a": 1}', routing_key=queue, properties=props)
+            await ch.publish(b"", routing_key=queue)  # an empty body has no body frame
+            got = await ch.get(queue)
+            assert got is not None
+            assert got.body == b'{"a": 1}'
+            assert got.routing_key == queue and got.exchange == ""
+            assert got.redelivered is False
+            assert got.message_count == 1
+            assert got.properties == props
+            ch.ack(got.delivery_tag)
+            empty = await ch.get(queue, no_ack=True)
+            assert empty is not None and empty.body == b""
+            assert empty.properties == Properties()
+            assert await ch.get(queue) is None
+
+
+async def test_consume_and_ack_empties_queue() -> None:
+    queue = qname()
+    count = 500
+    with trio.fail_after(20):
+        async with open_channel(queue) as (_, ch):
+            await ch.confirm_select()
+
+            async def publish(i: int) -> None:
+                await ch.publish(str(i).encode(), routing_key=queue)
+
+            # Concurrent confirmed publishes on one channel.
+            async with trio.open_nursery() as nursery:
+                for i in range(count):
+                    nursery.start_soon(publish, i)
+            received: list[bytes] = []
+            done = trio.Event()
+
+            def on_delivery(delivery: Delivery) -> None:
+                received.append(delivery.body)
+                ch.ack(delivery.delivery_tag)
+                if len(received) == count:
+                    done.set()
+
+            await ch.qos(50)
+            tag = await ch.consume(queue, on_delivery)
+            assert tag
+            await done.wait()
+            await ch.cancel(tag)
+            assert sorted(received, key=int) == [str(i).encode() for i in range(count)]
+            # The broker handles a channel's frames in order: the acks were
+            # processed before this declare.
+            info = await ch.queue_declare(queue, passive=True)
+            assert info.message_count == 0
+            ch2 = await ch._conn.channel()
+            assert await ch2.get(queue) is None
+
+
+async def test_reject_requeue_redelivers() -> None:
+    queue = qname()
+    with trio.fail_after(10):
+        async with open_channel(queue) as (_, ch):
+            await ch.publish(b"again", routing_key=queue)
+            deliveries: list[Delivery] = []
+            second = trio.Event()
+
+            def on_delivery(delivery: Delivery) -> None:
+                deliveries.append(delivery)
+                if len(deliveries) == 1:
+                    ch.reject(delivery.delivery_tag, requeue=True)
+                else:
+                    ch.ack(delivery.delivery_tag)
+                    second.set()
+
+            await ch.consume(queue, on_delivery)
+            await second.wait()
+            assert [d.redelivered for d in deliveries] == [False, True]
+            assert deliveries[1].body == b"again"
+
+
+async def test_nack_without_requeue_drops() -> None:
+    queue = qname()
+    with trio.fail_after(10):
+        async with open_channel(queue) as (_, ch):
+            await ch.publish(b"x", routing_key=queue)
+            got = await ch.get(queue)
+            assert got is not None
+            ch.nack(got.delivery_tag, requeue=False)
+            await ch.qos(1)  # a round trip: the nack was processed before it
+            assert await ch.get(queue) is None
+
+
+async def test_publish_with_confirms() -> None:
+    queue = qname()
+    with trio.fail_after(10):
+        async with open_channel(queue) as (_, ch):
+            await ch.confirm_select()
+            for i in range(20):
+                await ch.publish(b"m%d" % i, routing_key=queue, mandatory=True)
+            info = await ch.queue_declare(queue, passive=True)
+            assert info.message_count == 20
+            assert await ch.queue_purge(queue) == 20
+
+
+async def test_mandatory_unroutable_raises() -> None:
+    with trio.fail_after(10):
+        async with open_channel() as (_, ch):
+            await ch.confirm_select()
+            with pytest.raises(Unroutable) as info:
+                await ch.publish(b"lost", routing_key=qname("nowhere"), mandatory=True)
+            assert info.value.reply_code == 312
+            # Without mandatory, the same publish is confirmed (and dropped).
+            await ch.publish(b"lost", routing_key=qname("nowhere"))
+            assert ch.is_open
+
+
+async def test_publish_to_missing_exchange_closes_channel() -> None:
+    with trio.fail_after(10):
+        async with open_channel() as (conn, ch):
+            await ch.confirm_select()
+            with pytest.raises(QueueNotFound) as info:
+                await ch.publish(b"x", exchange=qname("no-exchange"), routing_key="k")
+            assert info.value.reply_code == 404
+            assert not ch.is_open
+            assert isinstance(ch.close_reason, QueueNotFound)
+            await ch.wait_closed()
+            with pytest.raises(ChannelClosed):
+                ch.ack(1)
+            # The connection survives a channel error.
+            assert conn.is_open
+            other = await conn.channel()
+            await other.queue_declare(qname(), exclusive=True, durable=False)
+
+            # Without confirms, publish returns; the next RPC sees the close.
+            ch2 = await conn.channel()
+            await ch2.publish(b"x", exchange=qname("no-exchange"), routing_key="k")
+            with pytest.raises(QueueNotFound):
+                await ch2.queue_declare(qname(), exclusive=True, durable=False)
+
+
+async def test_consume_missing_queue_raises_queue_not_found() -> None:
+    with trio.fail_after(10):
+        async with open_channel() as (_, ch):
+            with pytest.raises(QueueNotFound):
+                await ch.consume(qname("missing"), lambda d: None)
+            assert not ch.is_open
+            with pytest.raises(QueueNotFound):
+                await ch.qos(1)
+
+
+async def test_large_body_round_trip() -> None:
+    queue = qname()
+    body = bytes(range(256)) * (10 * 1024 * 1024 // 256)
+    with trio.fail_after(30):
+        async with open_channel(queue) as (_, ch):
+            await ch.confirm_select()
+            await ch.publish(body, routing_key=queue)
+            got: list[Delivery] = []
+            done = trio.Event()
+
+            def on_delivery(delivery: Delivery) -> None:
+                got.append(delivery)
+                ch.ack(delivery.delivery_tag)
+                done.set()
+
+            tag = await ch.consume(queue, on_delivery)
+            await done.wait()
+            await ch.cancel(tag)
+            assert len(got[0].body) == len(body)
+            assert got[0].body == body
+            # The same through basic.get.
+            await ch.publish(body[:300_000], routing_key=queue)
+            ch2 = await ch._conn.channel()
+            fetched = await ch2.get(queue, no_ack=True)
+            assert fetched is not None and fetched.body == body[:300_000]
+
+
+def _close_connections(name: str) -> None:
+    listing = subprocess.run(
+        ["rabbitmqctl", "list_connections", "-q", "pid", "client_properties"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    ).stdout
+    pids = [line.split("\t", 1)[0] for line in listing.splitlines() if name in line]
+    assert pids, f"no connection named {name!r} in {listing!r}"
+    for pid in pids:
+        subprocess.run(
+            ["rabbitmqctl", "close_connection", pid, "closed by test"],
+            capture_output=True,
+            timeout=60,
+            check=True,
+        )
+
+
+async def test_broker_closes_connection() -> None:
+    name = f"aw-test-close-{uuid.uuid4().hex[:8]}"
+    with trio.fail_after(60):
+        async with connect(replace(PARAMS, client_name=name)) as conn:
+            ch = await conn.channel()
+            await trio.to_thread.run_sync(_close_connections, name)
+            await conn.wait_closed()
+            await ch.wait_closed()
+            assert not conn.is_open
+            reason = conn.close_reason
+            assert isinstance(reason, ConnectionClosed)
+            assert reason.reply_code == 320
+            assert "closed by test" in reason.reply_text
+            assert isinstance(ch.close_reason, ConnectionClosed)
+            with pytest.raises(ConnectionClosed):
+                await ch.queue_declare(qname())
+            with pytest.raises(ConnectionClosed):
+                ch.ack(1)
+
+
+async def test_server_side_queue_delete_cancels_consumer() -> None:
+    queue = qname()
+    with trio.fail_after(10):
+        async with open_channel(queue) as (conn, ch):
+            cancelled: list[str] = []
+            done = trio.Event()
+
+            def on_cancel(tag: str) -> None:
+                cancelled.append(tag)
+                done.set()
+
+            tag = await ch.consume(queue, lambda d: None, on_cancel)
+            other = await conn.channel()
+            await other.queue_delete(queue)
+            await done.wait()
+            assert cancelled == [tag]
+            assert ch.is_open
+            await ch.queue_declare(queue)  # the channel still works
+
+
+async def test_caller_exception_is_not_wrapped() -> None:
+    with trio.fail_after(10):
+        with pytest.raises(KeyError):
+            async with connect(PARAMS) as conn:
+                await conn.channel()
+                raise KeyError("boom")
+
+
+async def test_heartbeats_keep_an_idle_connection_alive() -> None:
+    with trio.fail_after(15):
+        async with connect(replace(PARAMS, heartbeat=1)) as conn:
+            assert conn.heartbeat == 1
+            ch = await conn.channel()
+            # Idle for longer than the broker tolerates without heartbeats
+            # (two missed intervals): the point of the test is this silence.
+            await trio.sleep(3.5)
+            assert conn.is_open
+            await ch.queue_declare(qname(), exclusive=True, durable=False)
+
+
+async def test_missed_heartbeats_close_the_connection() -> None:
+    """A proxy that stops forwarding the broker's bytes: the client must give
+    up after two heartbeat intervals, and leaving the context must not hang."""
+    stall = trio.Event()
+
+    async def pump(src: trio.SocketStream, dst: trio.SocketStream, stallable: bool) -> None:
+        try:
+            while True:
+                if stallable and stall.is_set():
+                    await trio.sleep_forever()
+                data = await src.receive_some(65536)
+                if not data:
+                    return
+                await dst.send_all(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+
+    with trio.fail_after(20):
+        listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+        port = listeners[0].socket.getsockname()[1]
+
+        async def serve_one() -> None:
+            client = await listeners[0].accept()
+            upstream = await trio.open_tcp_stream("127.0.0.1", 5672)
+            async with client, upstream, trio.open_nursery() as n:
+                n.start_soon(pump, client, upstream, False)
+                n.start_soon(pump, upstream, client, True)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(serve_one)
+            params = replace(PARAMS, port=port, heartbeat=1)
+            async with connect(params) as conn:
+                ch = await conn.channel()
+                stall.set()
+                start = trio.current_time()
+                await conn.wait_closed()
+                assert 1.0 < trio.current_time() - start < 5
+                reason = conn.close_reason
+                assert isinstance(reason, ConnectionClosed)
+                assert "missed heartbeats" in str(reason)
+                assert isinstance(ch.close_reason, ConnectionClosed)
+            nursery.cancel_scope.cancel()
+        for listener in listeners:
+            await listener.aclose()
