@@ -486,7 +486,7 @@ class App:
             # Handlers of a connection that died during shutdown may still run;
             # the grace timer bounds this wait.  Then retire the idle workers.
             for consumer in consumers:
-                await consumer._idle.wait()
+                await consumer.wait_idle()
             workers.cancel_scope.cancel()
         self._worker_scopes.discard(workers.cancel_scope)
 

@@ -9,7 +9,8 @@ The hot path, and why it looks the way it does:
 * Handlers run in *worker tasks*, each holding one token of the consumer's
   ``trio.CapacityLimiter(prefetch_count)``.  Workers are started on demand
   (when a message arrives and no worker is idle) and retire after
-  ``_IDLE_SECONDS`` without work.  Starting a task per message costs about
+  ``_IDLE_SECONDS`` without work (a reaper task per consumer retires them, so
+  that waiting for work costs no cancel scope).  Starting a task per message costs about
   four times more CPU than handing the message to a parked worker, so at
   most ``prefetch_count`` long-lived workers do the job; the limiter is the
   bound, and the broker's ``basic.qos(prefetch_count)`` guarantees a
@@ -43,7 +44,7 @@ __all__ = ["ConsumerStatistics"]
 
 logger = logging.getLogger("asyncworker")
 
-#: A worker with nothing to do for this long returns its limiter token.
+#: A worker parked for a whole period this long returns its limiter token.
 _IDLE_SECONDS = 10.0
 #: Bounds of the delay between attempts to consume a queue that is missing.
 _MISSING_QUEUE_RETRY = (1.0, 30.0)
@@ -93,8 +94,10 @@ class Consumer:
         self._in_flight = 0
         self._received = 0
         self._tally = _Tally()
-        self._idle = trio.Event()
-        self._idle.set()
+        self._idle_waiter: trio.Event | None = None
+        self._min_parked = 0
+        self._retire = 0
+        self._reaping = False
         self._closing = False
         self._channel: Channel | None = None
         self._consumer_tag: str | None = None
@@ -119,24 +122,32 @@ class Consumer:
             self._received += 1
             if lot:
                 lot.unpark()
+                parked = len(lot)
+                if parked < self._min_parked:
+                    self._min_parked = parked
             elif self._workers < self._prefetch:
                 self._start_worker()
 
         return on_delivery
 
     def _start_worker(self) -> None:
-        assert self._worker_nursery is not None
+        nursery = self._worker_nursery
+        assert nursery is not None
         self._workers += 1
-        self._worker_nursery.start_soon(self._worker, name=f"asyncworker worker {self.queue!r}")
+        nursery.start_soon(self._worker, name=f"asyncworker worker {self.queue!r}")
+        if not self._reaping:
+            self._reaping = True
+            nursery.start_soon(self._reaper, name=f"asyncworker reaper {self.queue!r}")
 
     async def _worker(self) -> None:
         token = object()
         self._limiter.acquire_on_behalf_of_nowait(token)
         pending = self._pending
         chain = self._chain
+        lot = self._lot
         try:
             while True:
-                if pending:
+                while pending:
                     message = pending.popleft()
                     if not message._channel.is_open:
                         # Not started and its channel is gone: the broker has
@@ -144,26 +155,46 @@ class Consumer:
                         message._settle_lost()
                         continue
                     self._in_flight += 1
-                    if self._idle.is_set():
-                        self._idle = trio.Event()
                     try:
                         await chain(message)
                     except Exception:  # pragma: no cover - AckRequeue swallows these
                         logger.exception("unexpected error in the chain of queue %r", self.queue)
                     finally:
                         self._in_flight -= 1
-                        if self._in_flight == 0:
-                            self._idle.set()
-                    continue
+                        if self._in_flight == 0 and self._idle_waiter is not None:
+                            self._idle_waiter.set()
+                            self._idle_waiter = None
                 if self._closing:
                     return
-                with trio.move_on_after(_IDLE_SECONDS) as scope:
-                    await self._lot.park()
-                if scope.cancelled_caught and not pending:
+                if self._retire:
+                    self._retire -= 1
                     return
+                # No deadline here: a cancel scope per wait would cost more
+                # than the rest of the hand-off; the reaper retires idle workers.
+                await lot.park()
         finally:
             self._workers -= 1
             self._limiter.release_on_behalf_of(token)
+
+    async def _reaper(self) -> None:
+        """Retire the workers that stayed parked for a whole ``_IDLE_SECONDS``."""
+        try:
+            while self._workers:
+                self._min_parked = len(self._lot)
+                await trio.sleep(_IDLE_SECONDS)
+                idle = min(self._min_parked, len(self._lot))
+                if idle:
+                    self._retire += idle
+                    self._lot.unpark(count=idle)
+        finally:
+            self._reaping = False
+
+    async def wait_idle(self) -> None:
+        """Return once no handler of this consumer is running."""
+        if self._in_flight:
+            if self._idle_waiter is None:
+                self._idle_waiter = trio.Event()
+            await self._idle_waiter.wait()
 
     # -- lifecycle ---------------------------------------------------------
 
@@ -305,7 +336,7 @@ class Consumer:
             while self._pending:
                 self._pending.popleft()._settle_requeue()
             self._lot.unpark_all()
-        await self._idle.wait()
+        await self.wait_idle()
         with trio.CancelScope(shield=True), trio.move_on_after(5):
             try:
                 await channel.close()
