@@ -16,6 +16,8 @@ from typing import Any, TypeVar
 
 import trio
 
+from . import _settings
+from ._bulk import BulkConfig, check_bulk
 from ._chain import CallNext, Handler, Middleware, build_chain
 from ._consumer import Consumer, ConsumerStatistics
 from ._exceptions import (
@@ -25,14 +27,18 @@ from ._exceptions import (
     ConnectionClosed,
     QueueNotFound,
 )
+from ._lifecycle import Lifecycle, LifecycleMixin
+from ._logging import configure_logging
 from ._transport import Channel, Connection, ConnectionParams, Properties, connect, redact_url
+from ._watchdog import watch_loop
 from .middlewares.ack_requeue import AckRequeue
 
 __all__ = ["App", "AppStatistics", "Backoff", "ConnectionEvent"]
 
 logger = logging.getLogger("asyncworker")
 
-H = TypeVar("H", bound=Handler)
+# A handler of messages, or of ``list[Message]`` on a bulk route.
+H = TypeVar("H", bound=Callable[..., Awaitable[Any]])
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,10 +109,11 @@ class _Route:
     settlement: Middleware | None
     declare: bool
     name: str
+    bulk: BulkConfig | None = None
     consumers: list[Consumer] = field(default_factory=list)
 
 
-class App:
+class App(LifecycleMixin):
     """A RabbitMQ worker: routes from queues to async handlers.
 
     ::
@@ -135,19 +142,29 @@ class App:
     Args:
         host, port, user, password, heartbeat, ssl: where and how to connect;
             ``ssl`` is an ``ssl.SSLContext`` or True for the default context.
-        url: alternative to host/port/user/password.
-        prefetch_count: messages delivered and not yet settled, per queue.
+        url: alternative to host/port/user/password.  When none of url, host,
+            port, user and password is given, ``ASYNCWORKER_URL`` is used.
+        prefetch_count: messages delivered and not yet settled, per queue
+            (default ``ASYNCWORKER_PREFETCH``, else 128).
         middlewares: App-wide middlewares, outermost first.
         settlement: the settlement policy (an ``AckRequeue``), default
             ``AckRequeue()``.
         grace_period: seconds that in-flight handlers get to finish on shutdown
-            before they are cancelled (and their messages requeued).
+            before they are cancelled (and their messages requeued); default
+            ``ASYNCWORKER_GRACE_PERIOD``, else 30.
         reconnect: the ``Backoff`` between reconnection attempts.
         on_connection_event: a callback (sync or async) receiving a
             ``ConnectionEvent`` for each connection failure and recovery.
         connect_timeout: seconds to open a connection.
         name: the connection name the broker shows (management UI,
             ``rabbitmqctl list_connections client_properties``).
+        loop_block_threshold: when the event loop was blocked this many
+            seconds or more (a handler called ``time.sleep`` or other blocking
+            code), log a warning naming the routes that were running; None
+            disables the watchdog.
+        http: ``host:port`` where to serve ``/health`` and ``/metrics``
+            (default ``ASYNCWORKER_HTTP``; off when neither is set).  See
+            docs/operations.md.
     """
 
     def __init__(
@@ -155,7 +172,7 @@ class App:
         host: str | None = None,
         user: str | None = None,
         password: str | None = None,
-        prefetch_count: int = 128,
+        prefetch_count: int | None = None,
         *,
         port: int | None = None,
         heartbeat: int = 60,
@@ -163,12 +180,20 @@ class App:
         url: str | None = None,
         middlewares: Sequence[Middleware] = (),
         settlement: Middleware | None = None,
-        grace_period: float = 30.0,
+        grace_period: float | None = None,
         reconnect: Backoff | None = None,
         on_connection_event: Callable[[ConnectionEvent], Any] | None = None,
         connect_timeout: float = 10.0,
         name: str = "asyncworker",
+        loop_block_threshold: float | None = 1.0,
+        http: str | None = None,
     ) -> None:
+        # Deploy-time settings: the environment fills in what the code left out.
+        prefetch_count = _settings.prefetch_count(prefetch_count)
+        grace_period = _settings.grace_period(grace_period)
+        http = _settings.http_address(http)
+        if url is None and host is None and port is None and user is None and password is None:
+            url = _settings.url()
         if isinstance(prefetch_count, bool) or not isinstance(prefetch_count, int):
             raise TypeError(f"prefetch_count must be an int, got {prefetch_count!r}")
         if not 1 <= prefetch_count <= 65535:
@@ -182,6 +207,11 @@ class App:
             raise ValueError(f"grace_period must be >= 0 seconds, got {grace_period}")
         if reconnect is not None and not isinstance(reconnect, Backoff):
             raise TypeError(f"reconnect must be an asyncworker.Backoff, got {reconnect!r}")
+        if loop_block_threshold is not None and not loop_block_threshold > 0:
+            raise ValueError(
+                "loop_block_threshold must be > 0 seconds, or None to disable the "
+                f"watchdog, got {loop_block_threshold}"
+            )
         ssl_context = _ssl.create_default_context() if ssl is True else (ssl or None)
         common: dict[str, Any] = {
             "heartbeat": heartbeat,
@@ -213,6 +243,8 @@ class App:
         self._middlewares = _check_middlewares(middlewares, "App")
         self._settlement = _check_settlement(settlement, "App")
         self._on_connection_event = on_connection_event
+        self.loop_block_threshold = loop_block_threshold
+        self._lifecycle = Lifecycle(self, http)
         self._routes: list[_Route] = []
         self._serving = False
         self._started = False
@@ -246,10 +278,14 @@ class App:
         middlewares: Sequence[Middleware] = (),
         settlement: Middleware | None = None,
         declare: bool = False,
+        bulk_size: int | None = None,
+        bulk_flush_interval: float = 1.0,
     ) -> Callable[[H], H]:
         """Register an async handler for one or more queues.
 
-        The handler receives one ``Message`` per call, from any of ``queues``.
+        The handler receives one ``Message`` per call, from any of ``queues``;
+        with ``bulk_size``, a ``Batch`` (a ``list[Message]`` of one queue)
+        instead: see docs/bulk.md.
 
         Args:
             queues: the queue names (a single name is accepted too).
@@ -257,6 +293,10 @@ class App:
             middlewares: this route's middlewares, inside the App's.
             settlement: this route's settlement policy, instead of the App's.
             declare: declare the queues (durable) if they do not exist.
+            bulk_size: make this a bulk route: the handler receives up to this
+                many messages per call (1 <= bulk_size <= prefetch_count).
+            bulk_flush_interval: on a bulk route, seconds after the first
+                message of a partial batch when the batch is handled anyway.
         """
         if self._serving:
             raise RuntimeError("routes must be registered before serve()/run() starts")
@@ -278,6 +318,12 @@ class App:
                 )
         route_middlewares = _check_middlewares(middlewares, "route()")
         route_settlement = None if settlement is None else _check_settlement(settlement, "route()")
+        bulk = check_bulk(
+            bulk_size,
+            bulk_flush_interval,
+            self.prefetch_count,
+            (*self._middlewares, *route_middlewares),
+        )
 
         def decorator(handler: H) -> H:
             if not _is_async_callable(handler):
@@ -294,6 +340,7 @@ class App:
                     settlement=route_settlement,
                     declare=bool(declare),
                     name=getattr(handler, "__qualname__", repr(handler)),
+                    bulk=bulk,
                 )
             )
             return handler
@@ -308,10 +355,8 @@ class App:
         A second signal skips the grace period.  If the broker cannot be
         reached at startup, logs one line saying why and exits with status 1.
         """
-        if not logging.getLogger().handlers:
-            logging.basicConfig(
-                level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-            )
+        # Text (or JSON) log lines on stderr, at ASYNCWORKER_LOG_LEVEL/_FORMAT.
+        configure_logging()
         try:
             trio.run(self._run_until_signal)
         except BaseException as exc:
@@ -361,6 +406,8 @@ class App:
         self._stop_event = trio.Event()
         self._stopped = trio.Event()
         try:
+            # Startup hooks first: handlers and chains may rely on app.state.
+            await self._lifecycle.startup()
             by_vhost: dict[str, list[Consumer]] = {}
             for route in self._routes:
                 chain = self._build_chain(route)
@@ -369,6 +416,9 @@ class App:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
                 nursery.start_soon(self._grace_timer)
+                if self.loop_block_threshold is not None:
+                    await nursery.start(watch_loop, self, self.loop_block_threshold)
+                await self._lifecycle.start_http(nursery)
                 async with trio.open_nursery() as supervisors:
                     for vhost, consumers in by_vhost.items():
                         await supervisors.start(self._supervise, vhost, consumers)
@@ -379,6 +429,7 @@ class App:
                         self._params.display,
                     )
                     task_status.started()
+                    supervisors.start_soon(self._lifecycle.run_periodic)
                 # Every vhost has drained: stop the grace timer and user tasks.
                 nursery.cancel_scope.cancel()
         except BaseExceptionGroup as group:
@@ -389,6 +440,7 @@ class App:
                 raise leaf from None
             raise
         finally:
+            await self._lifecycle.shutdown()
             self._nursery = None
             self._serving = False
             self._started = False
@@ -415,7 +467,8 @@ class App:
 
     def _build_chain(self, route: _Route) -> CallNext:
         settlement = route.settlement or self._settlement
-        return build_chain(route.handler, (settlement, *self._middlewares, *route.middlewares))
+        handler = self._lifecycle.wrap_handler(route)
+        return build_chain(handler, (settlement, *self._middlewares, *route.middlewares))
 
     # -- connection supervision ------------------------------------------------
 
@@ -559,15 +612,29 @@ class App:
         if persistent and props.delivery_mode is None:
             props.delivery_mode = 2
         target_vhost = self._params.vhost if vhost is None else vhost
-        with trio.fail_after(timeout):
-            async with self._publisher(target_vhost) as channel:
-                await channel.publish(
-                    payload,
-                    exchange=exchange,
-                    routing_key=routing_key,
-                    properties=props,
-                    mandatory=mandatory,
-                )
+        try:
+            with trio.fail_after(timeout):
+                while True:
+                    async with self._publisher(target_vhost) as channel:
+                        try:
+                            await channel.publish(
+                                payload,
+                                exchange=exchange,
+                                routing_key=routing_key,
+                                properties=props,
+                                mandatory=mandatory,
+                            )
+                            break
+                        except (ConnectionClosed, ChannelClosed) as exc:
+                            if not self._retry_publish(target_vhost, exchange, exc):
+                                raise
+                    # The connection (or the channel) went down before the
+                    # confirm: publish again on the next one.  The first copy
+                    # may have reached the queue: at-least-once.
+        except Exception:
+            self._lifecycle.count_publish(target_vhost, False)
+            raise
+        self._lifecycle.count_publish(target_vhost, True)
 
     async def declare_queue(
         self,
@@ -593,28 +660,36 @@ class App:
                 await channel.confirm_select()
                 yield channel
             return
+        # A context manager yields once: retrying the body is the caller's job
+        # (see publish()).  Only getting a channel is retried here.
         while True:
             await self._connected[vhost].wait()
             try:
                 channel = await self._publisher_channel(vhost)
+                break
             except (ConnectionClosed, ChannelClosed) as exc:
                 if isinstance(exc, QueueNotFound):
                     raise
                 await trio.sleep(0.05)
-                continue
-            try:
-                yield channel
-                return
-            except QueueNotFound:
-                self._publishers.pop(vhost, None)
-                raise
-            except (ConnectionClosed, ChannelClosed):
-                if self._publishers.get(vhost) is channel:
-                    del self._publishers[vhost]
-                if not self._serving:
-                    raise
-                # Retry on the next connection (the caller's fail_after bounds it).
-                continue
+        try:
+            yield channel
+        except (ConnectionClosed, ChannelClosed):
+            # A dead channel is never reused (404 from a publish closes it, too).
+            if self._publishers.get(vhost) is channel:
+                del self._publishers[vhost]
+            raise
+
+    def _retry_publish(
+        self, vhost: str, exchange: str, exc: ConnectionClosed | ChannelClosed
+    ) -> bool:
+        """Whether a publish that failed with ``exc`` goes again on a new channel."""
+        if not self._serving or vhost not in self._connected:
+            return False
+        if isinstance(exc, ConnectionClosed) or not exc.reply_code:
+            return True  # lost with its connection, or closed locally
+        # A 404 naming another exchange: a concurrent publish on the shared
+        # channel used a missing exchange, which closed the channel under this one.
+        return isinstance(exc, QueueNotFound) and f"'{exchange}'" not in exc.reply_text
 
     async def _publisher_channel(self, vhost: str) -> Channel:
         channel = self._publishers.get(vhost)

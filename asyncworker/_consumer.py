@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING
 
 import trio
 
+from ._bulk import BatchCollector
 from ._exceptions import AsyncWorkerError, ChannelClosed, ConnectionClosed, QueueNotFound
 from ._message import Message, _Tally
 
@@ -104,10 +105,14 @@ class Consumer:
         self._problem: str | None = "not started"
         self._worker_nursery: trio.Nursery | None = None
         self._wake: trio.Event | None = None
+        # Bulk routes hand their deliveries to a collector instead of the workers.
+        self._bulk = None if route.bulk is None else BatchCollector(self, route.bulk)
 
     # -- hot path --------------------------------------------------------
 
     def _delivery_callback(self, channel: Channel) -> Callable[[Delivery], None]:
+        if self._bulk is not None:
+            return self._bulk.delivery_callback(channel)
         queue = self.queue
         vhost = self.vhost
         app = self.app
@@ -240,7 +245,23 @@ class Consumer:
                 if not started:
                     task_status.started()
                     started = True
-                return
+                if not connection.is_open:
+                    return  # the supervisor reconnects, then runs us again
+                # A channel error on a live connection (406 PRECONDITION_FAILED
+                # from declare=True on a queue with other arguments, 403, ...):
+                # returning would leave the queue without a consumer until the
+                # next reconnection, so retry it like a missing queue.
+                logger.error(
+                    "cannot consume queue %r in vhost %r: %s; the other queues go on, and "
+                    "this one is retried in %.0f s",
+                    self.queue,
+                    self.vhost,
+                    exc,
+                    delay,
+                )
+                await _sleep_unless(stop, delay)
+                delay = min(delay * 2, _MISSING_QUEUE_RETRY[1])
+                continue
             delay = _MISSING_QUEUE_RETRY[0]
             self._problem = None
             if not started:
@@ -332,6 +353,9 @@ class Consumer:
                     except AsyncWorkerError as exc:
                         logger.debug("basic.cancel of queue %r failed: %s", self.queue, exc)
             self._closing = True
+            if self._bulk is not None:
+                # A bulk route's partial batch goes through its handler.
+                self._bulk.close()
             # Deliveries that arrived but never started go back to the queue.
             while self._pending:
                 self._pending.popleft()._settle_requeue()
