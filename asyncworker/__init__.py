@@ -17,6 +17,7 @@ from ._app import App as App
 from ._app import AppStatistics as AppStatistics
 from ._app import Backoff as Backoff
 from ._app import ConnectionEvent as ConnectionEvent
+from ._bulk import Batch as Batch
 from ._chain import CallNext as CallNext
 from ._chain import Handler as Handler
 from ._chain import Middleware as Middleware
@@ -31,6 +32,7 @@ from ._exceptions import PublishError as PublishError
 from ._exceptions import PublishNacked as PublishNacked
 from ._exceptions import QueueNotFound as QueueNotFound
 from ._exceptions import Unroutable as Unroutable
+from ._lifecycle import StartupError as StartupError
 from ._message import Message as Message
 from ._message import Settlement as Settlement
 from ._transport import Properties as Properties
@@ -43,6 +45,7 @@ __all__ = [
     "AsyncWorkerError",
     "AuthenticationError",
     "Backoff",
+    "Batch",
     "CallNext",
     "ChannelClosed",
     "ConnectError",
@@ -58,5 +61,6 @@ __all__ = [
     "PublishNacked",
     "QueueNotFound",
     "Settlement",
+    "StartupError",
     "Unroutable",
 ]

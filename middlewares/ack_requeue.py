@@ -44,6 +44,10 @@ class AckRequeue:
     cannot itself be interrupted.  The exception of a handler never propagates
     further: one bad message never stops the worker or another queue.
 
+    On a bulk route the chain receives a ``Batch`` (a ``list[Message]``):
+    the action applies to every message of the batch that the handler did
+    not settle itself, and a failure is logged once for the batch.
+
     Args:
         on_success: action when the chain returns.
         on_exception: action when it raises (or is cancelled).
@@ -76,6 +80,9 @@ class AckRequeue:
                 _settle(message, self.on_exception)
             if not isinstance(exc, Exception):
                 raise  # KeyboardInterrupt, SystemExit, BaseExceptionGroup of them
+            if isinstance(message, list):
+                _log_batch_failure(message)
+                return
             logger.exception(
                 "handler failed on message %d of queue %r (vhost %r); message %s",
                 message.delivery_tag,
@@ -86,6 +93,21 @@ class AckRequeue:
         else:
             if not message.settled:
                 _settle(message, self.on_success)
+
+
+def _log_batch_failure(batch: list[Message]) -> None:
+    outcomes: dict[str, int] = {}
+    for message in batch:
+        outcome = _OUTCOME[message.settlement].split(" (")[0]
+        outcomes[outcome] = outcomes.get(outcome, 0) + 1
+    first = batch[0] if batch else None
+    logger.exception(
+        "bulk handler failed on a batch of %d messages of queue %r (vhost %r); messages %s",
+        len(batch),
+        getattr(batch, "queue", first.queue if first else "?"),
+        getattr(batch, "vhost", first.vhost if first else "?"),
+        ", ".join(f"{count} {outcome}" for outcome, count in sorted(outcomes.items())),
+    )
 
 
 def _settle(message: Message, action: Action) -> None:

@@ -49,6 +49,11 @@ class Logging:
       middleware after this one fired).
     * ``cancelled``: the worker was shut down while the message was handled.
 
+    On a bulk route (the chain receives a ``Batch``, a ``list[Message]``)
+    one line is written per batch, with ``batch_size`` instead of
+    ``delivery_tag`` and an outcome such as ``"3 acked, 1 rejected"``;
+    bodies are not logged.
+
     Successes are logged at ``level``; ``failed``, ``timeout`` and
     ``cancelled`` at ``level`` or WARNING, whichever is higher.  Bodies are
     never logged unless ``log_body`` is true (they may hold personal data);
@@ -122,6 +127,9 @@ class Logging:
         self, message: Message, outcome: str, start: float, exc: BaseException | None
     ) -> None:
         duration_ms = round((time.perf_counter() - start) * 1000, 3)
+        if isinstance(message, list):
+            self._emit_batch(message, outcome, duration_ms, exc)
+            return
         extra: dict[str, Any] = {
             "queue": message.queue,
             "vhost": message.vhost,
@@ -153,6 +161,37 @@ class Logging:
             extra["body"] = shown
             text += "; body %r"
             args.append(shown)
+        self.logger.log(level, text, *args, extra=extra)
+
+    def _emit_batch(
+        self, batch: list[Message], outcome: str, duration_ms: float, exc: BaseException | None
+    ) -> None:
+        # A bulk route: one line per batch, with how its messages were settled
+        # (the unsettled ones count as settled by the policy's success action).
+        if exc is None:
+            counts: dict[str, int] = {}
+            for message in batch:
+                settled = message.settlement
+                key = "acked" if settled is None else _SETTLED[settled]
+                counts[key] = counts.get(key, 0) + 1
+            outcome = ", ".join(f"{count} {key}" for key, count in sorted(counts.items()))
+        queue = getattr(batch, "queue", batch[0].queue if batch else "?")
+        vhost = getattr(batch, "vhost", batch[0].vhost if batch else "?")
+        extra: dict[str, Any] = {
+            "queue": queue,
+            "vhost": vhost,
+            "batch_size": len(batch),
+            "outcome": outcome,
+            "duration_ms": duration_ms,
+        }
+        text = "batch of %d messages from queue %r (vhost %r): %s in %.1f ms"
+        args: list[Any] = [len(batch), queue, vhost, outcome, duration_ms]
+        level = self.level
+        if exc is not None:
+            level = max(level, logging.WARNING)
+            extra["error"] = _describe(exc)
+            text += ": %s"
+            args.append(extra["error"])
         self.logger.log(level, text, *args, extra=extra)
 
 

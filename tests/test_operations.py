@@ -1,0 +1,245 @@
+"""Health, metrics, settings from the environment and logging (real RabbitMQ where needed)."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import pytest
+import trio
+
+from asyncworker import App, Backoff, Message
+from asyncworker._logging import JsonFormatter
+
+from .conftest import BROKER_URL, Broker, rabbitmqctl, unique, wait_for
+
+
+async def http_get(url: str, path: str) -> tuple[int, bytes]:
+    """A minimal HTTP/1.1 GET over trio (the test needs no HTTP client library)."""
+    host, port = url.removeprefix("http://").rsplit(":", 1)
+    stream = await trio.open_tcp_stream(host, int(port))
+    async with stream:
+        await stream.send_all(
+            f"GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode()
+        )
+        data = b""
+        while chunk := await stream.receive_some(65536):
+            data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    return int(head.split()[1]), body
+
+
+async def health_is(url: str, expected: int) -> bool:
+    return (await http_get(url, "/health"))[0] == expected
+
+
+def connection_pid(name: str) -> str | None:
+    for line in rabbitmqctl("list_connections", "pid", "client_properties", "-q").splitlines():
+        if name in line:
+            return line.split("\t")[0]
+    return None
+
+
+def metric(text: str, name: str, **labels: str) -> float:
+    wanted = ",".join(f'{key}="{value}"' for key, value in sorted(labels.items()))
+    prefix = f"{name}{{{wanted}}} " if labels else f"{name} "
+    for line in text.splitlines():
+        if line.startswith(prefix):
+            return float(line[len(prefix) :])
+    raise AssertionError(f"{prefix!r} not in the metrics:\n{text}")
+
+
+@pytest.mark.rabbitmq
+async def test_health_flips_to_503_when_the_connection_drops_and_back(broker: Broker) -> None:
+    queue = await broker.declare()
+    name = unique("conn")
+    app = App(
+        url=BROKER_URL,
+        name=name,
+        http="127.0.0.1:0",
+        reconnect=Backoff(initial=0.3, maximum=0.5),
+    )
+
+    @app.route([queue])
+    async def handler(message: Message) -> None:
+        pass
+
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(app.serve)
+            url = app.http_url
+            assert url is not None
+            assert await http_get(url, "/health/live") == (200, b'{"status": "ok"}')
+            assert await health_is(url, 200)
+            assert (await http_get(url, "/health/ready"))[0] == 200
+            assert (await http_get(url, "/nope"))[0] == 404
+
+            pid = await trio.to_thread.run_sync(connection_pid, name)
+            assert pid is not None, "the App's connection_name is not visible to rabbitmqctl"
+            await trio.to_thread.run_sync(rabbitmqctl, "close_connection", pid, "test drop")
+            await wait_for(lambda: health_is(url, 503), timeout=20, interval=0.02)
+            assert (await http_get(url, "/health/live"))[0] == 200
+            await wait_for(lambda: health_is(url, 200), timeout=30)
+            assert app.statistics().reconnects["/"] >= 1
+            await app.shutdown()
+
+
+@pytest.mark.rabbitmq
+async def test_health_503_names_the_reason(broker: Broker) -> None:
+    app = App(url=BROKER_URL, http="127.0.0.1:0")
+    missing = broker.queue_name("missing")
+
+    @app.route([missing])
+    async def handler(message: Message) -> None:
+        pass
+
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(app.serve)
+            assert app.http_url is not None
+            code, body = await http_get(app.http_url, "/health/ready")
+            assert code == 503
+            reasons = json.loads(body)["reasons"]
+            assert reasons == [
+                f"queue {missing!r} in vhost '/': queue {missing!r} not found in vhost '/'"
+            ]
+            await app.shutdown()
+
+
+@pytest.mark.rabbitmq
+async def test_metrics_match_what_was_published_and_how_it_was_settled(broker: Broker) -> None:
+    queue = await broker.declare()
+    app = App(url=BROKER_URL, http="127.0.0.1:0")
+    handled: list[bytes] = []
+
+    @app.route([queue])
+    async def handler(message: Message) -> None:
+        handled.append(message.body)
+        if message.body == b"reject":
+            await message.reject(requeue=False)
+        elif message.body == b"requeue" and not message.redelivered:
+            await message.reject(requeue=True)
+
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(app.serve)
+            for body in (b"a", b"b", b"c", b"reject", b"requeue"):
+                await app.publish(body, routing_key=queue)
+            await wait_for(lambda: len(handled) == 6)
+            assert app.http_url is not None
+            code, raw = await http_get(app.http_url, "/metrics")
+            await app.shutdown()
+    assert code == 200
+    text = raw.decode()
+    labels = {"vhost": "/", "queue": queue}
+    assert metric(text, "asyncworker_messages_received_total", **labels) == 6
+    assert metric(text, "asyncworker_messages_acked_total", **labels) == 4
+    assert metric(text, "asyncworker_messages_requeued_total", **labels) == 1
+    assert metric(text, "asyncworker_messages_rejected_total", **labels) == 1
+    assert metric(text, "asyncworker_messages_lost_total", **labels) == 0
+    assert metric(text, "asyncworker_messages_in_flight", **labels) == 0
+    assert metric(text, "asyncworker_consumer_up", **labels) == 1
+    assert metric(text, "asyncworker_connection_up", vhost="/") == 1
+    assert metric(text, "asyncworker_reconnects_total", vhost="/") == 0
+    assert metric(text, "asyncworker_publishes_confirmed_total", vhost="/") == 5
+    route = "test_metrics_match_what_was_published_and_how_it_was_settled.<locals>.handler"
+    assert metric(text, "asyncworker_handler_duration_seconds_count", route=route, vhost="/") == 6
+
+
+# -- settings ---------------------------------------------------------------------------
+
+
+def test_environment_fills_in_what_the_code_left_out(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ASYNCWORKER_PREFETCH", "7")
+    monkeypatch.setenv("ASYNCWORKER_GRACE_PERIOD", "2.5")
+    monkeypatch.setenv("ASYNCWORKER_HTTP", "127.0.0.1:9100")
+    monkeypatch.setenv("ASYNCWORKER_URL", "amqp://bob:secret@rabbit.example:5673/prod")
+    app = App()
+    assert (app.prefetch_count, app.grace_period) == (7, 2.5)
+    assert app._lifecycle.http == "127.0.0.1:9100"
+    assert app.url == "amqp://bob:***@rabbit.example:5673/prod"
+    # What the code sets always wins.
+    app = App(host="localhost", prefetch_count=3, grace_period=1, http="0.0.0.0:8080")
+    assert (app.prefetch_count, app.grace_period) == (3, 1)
+    assert app._lifecycle.http == "0.0.0.0:8080"
+    assert app.url.startswith("amqp://guest:***@localhost:5672/")
+    assert App(url="memory://x").url == "memory://x"
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [
+        ("ASYNCWORKER_PREFETCH", "lots"),
+        ("ASYNCWORKER_PREFETCH", "0"),
+        ("ASYNCWORKER_GRACE_PERIOD", "-1"),
+        ("ASYNCWORKER_HTTP", "8080"),
+        ("ASYNCWORKER_LOG_LEVEL", "LOUD"),
+        ("ASYNCWORKER_LOG_FORMAT", "xml"),
+    ],
+)
+def test_invalid_environment_values_name_the_variable(
+    monkeypatch: pytest.MonkeyPatch, variable: str, value: str
+) -> None:
+    from asyncworker._logging import configure_logging
+
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(ValueError, match=variable):
+        App(url="memory://x")
+        configure_logging()
+
+
+# -- logging ----------------------------------------------------------------------------
+
+
+def test_json_formatter_writes_one_object_per_line_with_extras() -> None:
+    record = logging.LogRecord("asyncworker", logging.INFO, __file__, 1, "hello %s", ("x",), None)
+    record.queue = "orders"
+    line = JsonFormatter().format(record)
+    data = json.loads(line)
+    assert "\n" not in line
+    assert data["message"] == "hello x"
+    assert data["level"] == "INFO" and data["logger"] == "asyncworker"
+    assert data["queue"] == "orders"
+
+
+@pytest.mark.rabbitmq
+async def test_passwords_never_appear_in_logs(
+    broker: Broker, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    user = unique("user")
+    password = "pw-" + unique("secret")
+    await trio.to_thread.run_sync(rabbitmqctl, "add_user", user, password)
+    try:
+        await trio.to_thread.run_sync(
+            rabbitmqctl, "set_permissions", "-p", "/", user, ".*", ".*", ".*"
+        )
+        queue = await broker.declare()
+        host_url = BROKER_URL.split("@", 1)[1]
+        seen: list[bytes] = []
+        app = App(url=f"amqp://{user}:{password}@{host_url}", http="127.0.0.1:0")
+
+        @app.route([queue])
+        async def handler(message: Message) -> None:
+            seen.append(message.body)
+            raise RuntimeError(f"failing handler of {app!r} {app.url}")
+
+        with trio.fail_after(30):
+            async with trio.open_nursery() as nursery:
+                await nursery.start(app.serve)
+                await app.publish(b"x", routing_key=queue)
+                await wait_for(lambda: len(seen) >= 1)
+                await app.shutdown()
+
+        wrong = App(url=f"amqp://{user}:wrong-{password}@{host_url}")
+        wrong.route([queue])(handler)
+        with trio.fail_after(30), pytest.raises(Exception) as info:
+            await wrong.serve()
+        assert password not in str(info.value)
+    finally:
+        await trio.to_thread.run_sync(rabbitmqctl, "delete_user", user)
+    assert caplog.records, "the test should have produced log lines"
+    for record in caplog.records:
+        text = record.getMessage() + (str(record.exc_info[1]) if record.exc_info else "")
+        assert password not in text, text
+    assert password not in caplog.text
