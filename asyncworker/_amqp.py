@@ -21,6 +21,8 @@ waits is woken up.
 
 from __future__ import annotations
 
+import datetime
+import decimal
 import logging
 import platform
 import struct
@@ -156,6 +158,66 @@ def _shortstr(value: str) -> bytes:
     return _u8.pack(len(raw)) + raw
 
 
+_i32 = struct.Struct(">i")
+_i64 = struct.Struct(">q")
+_u32 = struct.Struct(">I")
+_f64 = struct.Struct(">d")
+
+
+def _field_table(table: Mapping[str, Any]) -> bytes:
+    """Encode an AMQP field table (headers, arguments).
+
+    Ours rather than pamqp's: pamqp 3.3 packs ints in -128..-1 as an unsigned
+    octet (``struct.error``), encodes floats as 32-bit (losing precision) and
+    refuses ``bytes``.  Ints go out as signed 32 or 64 bits, floats as
+    doubles, bytes-like values as byte arrays.
+    """
+    parts = []
+    for key, value in table.items():
+        if not isinstance(key, str):
+            raise TypeError(f"AMQP table keys must be str, got {key!r}")
+        parts.append(_shortstr(key))
+        try:
+            parts.append(_field_value(value))
+        except TypeError as exc:
+            raise TypeError(f"cannot encode header/argument {key!r}: {exc}") from None
+    raw = b"".join(parts)
+    return _u32.pack(len(raw)) + raw
+
+
+def _field_value(value: Any) -> bytes:
+    if isinstance(value, bool):
+        return b"t\x01" if value else b"t\x00"
+    if isinstance(value, int):
+        if -(2**31) <= value < 2**31:
+            return b"I" + _i32.pack(value)
+        if -(2**63) <= value < 2**63:
+            return b"l" + _i64.pack(value)
+        raise TypeError(f"integer {value} does not fit in 64 bits")
+    if isinstance(value, str):
+        raw = value.encode()
+        return b"S" + _u32.pack(len(raw)) + raw
+    if isinstance(value, float):
+        return b"d" + _f64.pack(value)
+    if isinstance(value, decimal.Decimal):
+        return b"D" + encode.decimal(value)
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return b"x" + _u32.pack(len(value)) + bytes(value)
+    if isinstance(value, datetime.datetime):
+        return b"T" + encode.timestamp(value)
+    if isinstance(value, Mapping):
+        return b"F" + _field_table(value)
+    if isinstance(value, (list, tuple)):
+        raw = b"".join(_field_value(item) for item in value)
+        return b"A" + _u32.pack(len(raw)) + raw
+    if value is None:
+        return b"V"
+    raise TypeError(
+        f"unsupported type {type(value).__name__}; use bool, int, float, str, bytes, "
+        "Decimal, datetime, dict, list or None"
+    )
+
+
 def _encode_properties(p: Properties) -> bytes:
     """Encode the property flags and list of a content header."""
     flags = 0
@@ -168,7 +230,7 @@ def _encode_properties(p: Properties) -> bytes:
         parts.append(_shortstr(p.content_encoding))
     if p.headers is not None:
         flags |= _P_HEADERS
-        parts.append(encode.field_table(p.headers))
+        parts.append(_field_table(p.headers))
     if p.delivery_mode is not None:
         flags |= _P_DELIVERY_MODE
         parts.append(_u8.pack(p.delivery_mode))
@@ -1359,7 +1421,10 @@ class AMQPConnection:
             raise _ProtocolError(f"expected connection.tune, got {tune.name}")
         self._frame_max = _negotiate(params.frame_max, tune.frame_max)
         self._channel_max = _negotiate(2047, tune.channel_max)
-        self._heartbeat = _negotiate(params.heartbeat, tune.heartbeat)
+        # heartbeat=0 asks for none: the broker's proposal is only an upper bound.
+        self._heartbeat = (
+            0 if params.heartbeat == 0 else _negotiate(params.heartbeat, tune.heartbeat)
+        )
         await self._stream.send_all(
             _method_frame(
                 0,
