@@ -172,23 +172,27 @@ class Timeit:
         exc_val: BaseException | None,
         exc_tb: TracebackType | None,
     ) -> None:
+        result = self.callback(
+            self.name,
+            time_delta,
+            exc_type=exc_type,
+            exc_val=exc_val,
+            exc_tb=exc_tb,
+            **self.callback_kwargs,
+        )
+        if not inspect.isawaitable(result):
+            return  # a sync callback has run: nothing can interrupt it
         shield = exc_val is not None and _is_cancellation(exc_val)
         if not shield:
             # Also shield when the enclosing scope is already cancelled even
             # though the block itself finished: the first checkpoint of the
             # callback would otherwise raise before it could report.
             shield = anyio.current_effective_deadline() == float("-inf")
-        with anyio.CancelScope(shield=shield):
-            result = self.callback(
-                self.name,
-                time_delta,
-                exc_type=exc_type,
-                exc_val=exc_val,
-                exc_tb=exc_tb,
-                **self.callback_kwargs,
-            )
-            if inspect.isawaitable(result):
+        if shield:
+            with anyio.CancelScope(shield=True):
                 await result
+        else:
+            await result
 
 
 def _is_cancellation(exc: BaseException) -> bool:

@@ -127,6 +127,8 @@ class Logging:
         self, message: Message, outcome: str, start: float, exc: BaseException | None
     ) -> None:
         duration_ms = round((time.perf_counter() - start) * 1000, 3)
+        if not self.logger.isEnabledFor(max(self.level, logging.WARNING if exc else 0)):
+            return
         if isinstance(message, list):
             self._emit_batch(message, outcome, duration_ms, exc)
             return
@@ -161,7 +163,7 @@ class Logging:
             extra["body"] = shown
             text += "; body %r"
             args.append(shown)
-        self.logger.log(level, text, *args, extra=extra)
+        _log(self.logger, level, text, args, extra)
 
     def _emit_batch(
         self, batch: list[Message], outcome: str, duration_ms: float, exc: BaseException | None
@@ -192,7 +194,18 @@ class Logging:
             extra["error"] = _describe(exc)
             text += ": %s"
             args.append(extra["error"])
-        self.logger.log(level, text, *args, extra=extra)
+        _log(self.logger, level, text, args, extra)
+
+
+def _log(
+    logger: logging.Logger, level: int, text: str, args: list[Any], extra: dict[str, Any]
+) -> None:
+    # Logger.log() would walk the stack to find the caller (findCaller), a
+    # third of the cost of a line; the caller is always this middleware.
+    record = logger.makeRecord(
+        logger.name, level, __file__, 0, text, tuple(args), None, "Logging", extra
+    )
+    logger.handle(record)
 
 
 def _describe(exc: BaseException) -> str:
