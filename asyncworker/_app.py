@@ -12,7 +12,7 @@ import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass, field, replace
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import trio
 
@@ -32,6 +32,9 @@ from ._logging import configure_logging
 from ._transport import Channel, Connection, ConnectionParams, Properties, connect, redact_url
 from ._watchdog import watch_loop
 from .middlewares.ack_requeue import AckRequeue
+
+if TYPE_CHECKING:
+    from .testing import TestClient
 
 __all__ = ["App", "AppStatistics", "Backoff", "ConnectionEvent"]
 
@@ -712,6 +715,18 @@ class App(LifecycleMixin):
         if channel is not None and channel.is_open:
             with trio.CancelScope(shield=True), trio.move_on_after(5), suppress(AsyncWorkerError):
                 await channel.close()
+
+    # -- testing ------------------------------------------------------------------
+
+    def test_client(self, **kwargs: Any) -> TestClient:
+        """A ``TestClient`` running this App on a private in-memory broker.
+
+        Use it as ``async with app.test_client() as client:``; keyword
+        arguments go to ``asyncworker.testing.TestClient``.  See docs/testing.md.
+        """
+        from .testing import TestClient
+
+        return TestClient(self, **kwargs)
 
     # -- introspection ------------------------------------------------------------
 

@@ -1,0 +1,422 @@
+"""Test your handlers without RabbitMQ: ``app.test_client()``.
+
+::
+
+    async def test_orders() -> None:
+        async with app.test_client() as client:
+            await client.publish("orders", b'{"id": 1}')
+            await client.wait_until_idle()
+            assert client.acked("orders") == 1
+            assert client.queue_size("orders.dlq") == 0
+
+A ``TestClient`` runs ``app.serve`` on a fresh, private in-memory broker (the
+one ``memory://`` URLs reach, see ``asyncworker._memory``), so the App goes
+through the very code it runs in production: its routes, middlewares,
+settlement policy, ``Retry``'s republishing and dead-lettering, ``Timeout``,
+graceful shutdown.  The broker models RabbitMQ's delivery semantics
+(prefetch, requeue to the head with ``redelivered``, dead-letter exchanges,
+TTLs, quorum delivery counts), so what a test observes is what RabbitMQ would
+do.
+
+Everything runs on trio's clock: under ``trio.testing.MockClock(autojump_threshold=0)``
+a ``Retry(delay=30)`` or a ``Timeout(5)`` takes no wall time.  See
+docs/testing.md.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from contextlib import AsyncExitStack, asynccontextmanager
+from dataclasses import replace
+from types import TracebackType
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+from ._memory import MemoryBroker, QueueStats, register_broker, unregister_broker
+from ._transport import Channel, ConnectionParams, Properties, connect
+
+if TYPE_CHECKING:
+    from ._app import App
+    from ._consumer import Consumer
+
+__all__ = ["TestClient"]
+
+
+class TestClient:
+    """Run an App on a private in-memory broker, publish to it and observe the outcome.
+
+    Use it as ``async with app.test_client() as client:`` (or
+    ``TestClient(app)``).  On entry it
+
+    * registers a fresh ``MemoryBroker`` under a unique name (``client.broker``),
+    * creates the vhost of every route on it and declares every route's
+      queues (durable; with the arguments given in ``queues`` if any), so a
+      test needs no setup,
+    * points the App at that broker for the duration of the block (the App's
+      own URL is restored on exit; the App object is otherwise untouched),
+    * starts ``app.serve`` and returns once every consumer is registered.
+
+    On exit the App is shut down gracefully (in-flight handlers get the App's
+    ``grace_period``), the broker is unregistered and the App gets its URL
+    back.  An exception raised in the block propagates as itself, not wrapped
+    in an exception group.
+
+    The inspection methods take a queue name and an optional ``vhost``; when
+    it is omitted, the vhost of the route that consumes the queue is used, or
+    else the App's default vhost.  A queue that does not exist (say a
+    ``.dlq`` nothing was ever dead-lettered to) reads as empty, with all
+    counters 0.
+
+    Args:
+        app: the App to run.  It must not be serving already.
+        queues: queues to declare before the App starts, as
+            ``{name: arguments}`` (arguments may be None): to give a route's
+            queue a dead-letter exchange or a TTL, or to create extra queues.
+            Names that are not a route's queue are declared in the App's
+            default vhost.
+    """
+
+    # Not a pytest test class, despite its name.
+    __test__ = False
+
+    def __init__(
+        self, app: App, *, queues: Mapping[str, Mapping[str, Any] | None] | None = None
+    ) -> None:
+        self.app = app
+        self._queues = {name: dict(args or {}) for name, args in (queues or {}).items()}
+        self._broker = MemoryBroker()
+        self._stack: AsyncExitStack | None = None
+        self._channels: dict[str, Channel] = {}
+        self._connect_stack: AsyncExitStack | None = None
+
+    def __repr__(self) -> str:
+        state = "running" if self._stack is not None else "stopped"
+        return f"<TestClient {self.app!r} on {self._broker!r} {state}>"
+
+    @property
+    def broker(self) -> MemoryBroker:
+        """The private ``MemoryBroker`` the App runs on (for finer inspection)."""
+        return self._broker
+
+    # -- lifecycle -------------------------------------------------------------
+
+    async def __aenter__(self) -> TestClient:
+        app = self.app
+        if self._stack is not None:
+            raise RuntimeError("this TestClient is already running; use one `async with` at a time")
+        if app._serving:
+            raise RuntimeError(
+                "the App is already serving: a TestClient runs app.serve itself, on its own "
+                "in-memory broker; do not start the App yourself inside the test"
+            )
+        stack = AsyncExitStack()
+        try:
+            name = register_broker(self._broker)
+            stack.callback(unregister_broker, name)
+            original = app._params
+            # Swap the connection parameters for the duration of the block
+            # only: the user's App gets its own URL back on exit.
+            app._params = replace(original, scheme="memory", host=name, port=0, ssl=None)
+            stack.callback(_restore_params, app, original)
+            await stack.enter_async_context(self._serving())
+        except BaseException:
+            await stack.aclose()
+            raise
+        self._stack = stack
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool | None:
+        stack, self._stack = self._stack, None
+        assert stack is not None
+        return await stack.__aexit__(exc_type, exc, tb)
+
+    @asynccontextmanager
+    async def _serving(self) -> AsyncIterator[None]:
+        app = self.app
+        default_vhost = app._params.vhost
+        routed: dict[str, set[str]] = {}
+        for route in app._routes:
+            routed.setdefault(route.vhost, set()).update(route.queues)
+        routed.setdefault(default_vhost, set())
+        extra = {name for name in self._queues if not any(name in qs for qs in routed.values())}
+        routed[default_vhost] |= extra
+        for vhost in routed:
+            self._broker.add_vhost(vhost)
+        try:
+            async with trio.open_nursery() as nursery, AsyncExitStack() as connections:
+                self._connect_stack = connections
+                for vhost, names in routed.items():
+                    existing = set(self._broker.queue_names(vhost))
+                    missing = sorted(names - existing)
+                    if missing:
+                        channel = await self._channel(vhost)
+                        for queue in missing:
+                            await channel.queue_declare(
+                                queue, durable=True, arguments=self._queues.get(queue) or None
+                            )
+                await nursery.start(app.serve)
+                try:
+                    yield
+                finally:
+                    await app.shutdown()
+                    self._connect_stack = None
+                    self._channels.clear()
+        except BaseExceptionGroup as group:
+            _raise_single(group)
+            raise
+
+    async def _channel(self, vhost: str) -> Channel:
+        """A confirm-mode channel of the client's own on ``vhost`` (opened once)."""
+        channel = self._channels.get(vhost)
+        if channel is not None and channel.is_open:
+            return channel
+        if self._connect_stack is None:
+            raise RuntimeError("the TestClient is not running: use it as `async with ...`")
+        params = replace(self.app._params, vhost=vhost)
+        connection = await self._connect_stack.enter_async_context(connect(params))
+        channel = await connection.channel()
+        await channel.confirm_select()
+        self._channels[vhost] = channel
+        return channel
+
+    # -- acting ------------------------------------------------------------------
+
+    async def publish(
+        self,
+        queue_or_routing_key: str,
+        body: bytes | str | Any,
+        *,
+        exchange: str = "",
+        headers: dict[str, Any] | None = None,
+        properties: Properties | None = None,
+        vhost: str | None = None,
+    ) -> None:
+        """Publish a message, as ``App.publish`` does (with publisher confirms).
+
+        With the default ``exchange`` the first argument is the queue name;
+        otherwise it is the routing key.  ``body`` may be bytes, str or a
+        JSON-serialisable object.  Returns once the broker routed the message;
+        a handler may already be running it.
+        """
+        self._check_running()
+        await self.app.publish(
+            body,
+            routing_key=queue_or_routing_key,
+            exchange=exchange,
+            vhost=self._vhost(queue_or_routing_key, vhost) if exchange == "" else vhost,
+            headers=headers,
+            properties=properties,
+        )
+
+    async def declare_queue(
+        self,
+        name: str,
+        *,
+        vhost: str | None = None,
+        durable: bool = True,
+        arguments: Mapping[str, Any] | None = None,
+    ) -> None:
+        """Declare a queue on the broker (to bind it, or to publish to it)."""
+        self._check_running()
+        target = self._vhost(name, vhost)
+        self._broker.add_vhost(target)
+        channel = await self._channel(target)
+        await channel.queue_declare(name, durable=durable, arguments=arguments)
+
+    async def channel(self, vhost: str | None = None) -> Channel:
+        """A confirm-mode channel on the broker, for anything else (exchanges, bindings, get)."""
+        self._check_running()
+        target = self.app._params.vhost if vhost is None else vhost
+        self._broker.add_vhost(target)
+        return await self._channel(target)
+
+    async def wait_until_idle(self) -> None:
+        """Return once the App has nothing left to do.
+
+        That is: every queue the App consumes has no ready and no unacked
+        message, no handler is running, and no message waits in a TTL queue
+        that dead-letters somewhere (such as ``Retry``'s delay queues), since
+        it would come back.  A handler that publishes keeps the App busy: its
+        message is routed before the handler's own message is settled.
+
+        It waits on the broker's and the consumers' events, never by polling;
+        under ``MockClock(autojump_threshold=0)`` TTLs and timeouts elapse at
+        once.  Bound it with ``trio.fail_after`` in tests: an App whose handler
+        never returns is never idle.
+        """
+        self._check_running()
+        broker = self._broker
+        while True:
+            # Run due TTL expiries ourselves: the broker's timer lives in a
+            # connection's nursery and may not have run yet at this instant.
+            broker._expire_due(trio.current_time())
+            version = broker.version
+            busy, running = self._busy()
+            if not busy:
+                return
+            waits: list[Callable[[], Awaitable[object]]] = [
+                _changed_since(broker, version),
+                *(consumer.wait_idle for consumer in running),
+            ]
+            heap = broker._heap
+            deadline = heap[0][0] if heap else math.inf
+            with trio.move_on_at(deadline):
+                await _first_of(waits)
+
+    def _busy(self) -> tuple[bool, list[Consumer]]:
+        """Whether the App has work left, and its consumers running handlers."""
+        broker = self._broker
+        busy = False
+        running: list[Consumer] = []
+        for route in self.app._routes:
+            for consumer in route.consumers:
+                stats = consumer.statistics()
+                if stats.in_flight:
+                    busy = True
+                    running.append(consumer)
+                elif stats.waiting:
+                    busy = True
+                queue = _queue(broker, route.vhost, consumer.queue)
+                if queue is not None and (queue.ready or queue.unacked):
+                    busy = True
+        vhosts = {route.vhost for route in self.app._routes}
+        for vhost in vhosts:
+            vh = broker._vhosts.get(vhost)
+            if vh is None:
+                continue
+            for queue in vh.queues.values():
+                # A delay queue: its messages will expire into another queue.
+                if queue.dlx is not None and any(m.expires_at is not None for m in queue.ready):
+                    busy = True
+        return busy, running
+
+    # -- inspection ----------------------------------------------------------------
+
+    def queue_size(self, queue: str, vhost: str | None = None) -> int:
+        """Ready messages in ``queue`` (0 if it does not exist)."""
+        q = _queue(self._broker, self._vhost(queue, vhost), queue)
+        return 0 if q is None else len(q.ready)
+
+    def messages(self, queue: str, vhost: str | None = None) -> list[bytes]:
+        """The bodies of the ready messages of ``queue``, head first, left in place."""
+        target = self._vhost(queue, vhost)
+        if _queue(self._broker, target, queue) is None:
+            return []
+        return [delivery.body for delivery in self._broker.ready_messages(target, queue)]
+
+    def stats(self, queue: str, vhost: str | None = None) -> QueueStats:
+        """The broker's counters of ``queue`` (all 0 if it does not exist)."""
+        target = self._vhost(queue, vhost)
+        if _queue(self._broker, target, queue) is None:
+            return QueueStats()
+        return self._broker.stats(target, queue)
+
+    def acked(self, queue: str, vhost: str | None = None) -> int:
+        """Messages of ``queue`` acknowledged (by handlers, the settlement policy, Retry)."""
+        return self.stats(queue, vhost).acked
+
+    def requeued(self, queue: str, vhost: str | None = None) -> int:
+        """Messages returned to ``queue``: rejected with requeue, or unacked when a
+        channel closed."""
+        return self.stats(queue, vhost).requeued
+
+    def rejected(self, queue: str, vhost: str | None = None) -> int:
+        """Messages of ``queue`` the App rejected *without* requeue (dropped, or
+        dead-lettered by the queue's dead-letter exchange)."""
+        target = self._vhost(queue, vhost)
+        return sum(
+            consumer.statistics().rejected
+            for route in self.app._routes
+            if route.vhost == target
+            for consumer in route.consumers
+            if consumer.queue == queue
+        )
+
+    def dead_lettered(self, queue: str, vhost: str | None = None) -> int:
+        """Messages that left ``queue`` for a dead-letter destination.
+
+        If the queue has a dead-letter exchange (``x-dead-letter-exchange``),
+        the messages the broker dead-lettered through it, for any reason
+        (rejected without requeue, expired, over the length or delivery
+        limit).  Otherwise, the messages published to ``<queue>.dlq``, where
+        ``Retry`` (``dead_letter="dlq"``) puts the messages it gave up on.
+        """
+        target = self._vhost(queue, vhost)
+        q = _queue(self._broker, target, queue)
+        if q is not None and q.dlx is not None:
+            return int(q.stats.dead_lettered)
+        return self.stats(f"{queue}.dlq", target).published
+
+    # -- helpers ---------------------------------------------------------------------
+
+    def _check_running(self) -> None:
+        if self._stack is None:
+            raise RuntimeError(
+                "the TestClient is not running: use it as `async with app.test_client() as "
+                "client:` and call this inside the block"
+            )
+
+    def _vhost(self, queue: str, vhost: str | None) -> str:
+        if vhost is not None:
+            return vhost
+        for route in self.app._routes:
+            if queue in route.queues:
+                return route.vhost
+        return self.app._params.vhost
+
+
+def _restore_params(app: App, params: ConnectionParams) -> None:
+    app._params = params
+
+
+def _queue(broker: MemoryBroker, vhost: str, queue: str) -> Any:
+    """The broker's internal queue record, or None if it does not exist."""
+    vh = broker._vhosts.get(vhost)
+    return None if vh is None else vh.queues.get(queue)
+
+
+def _changed_since(broker: MemoryBroker, version: int) -> Callable[[], Awaitable[None]]:
+    async def wait() -> None:
+        # Checked again here: the broker may have changed between the caller's
+        # look and this task's start, and that change must not be missed.
+        while broker.version == version:
+            await broker.wait_for_change()
+
+    return wait
+
+
+async def _first_of(waits: list[Callable[[], Awaitable[object]]]) -> None:
+    """Return as soon as one of ``waits`` returns."""
+    async with trio.open_nursery() as nursery:
+        for wait in waits:
+
+            async def one(wait: Callable[[], Awaitable[object]] = wait) -> None:
+                await wait()
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(one)
+
+
+def _raise_single(group: BaseExceptionGroup[BaseException]) -> None:
+    """Re-raise the only exception inside nested single-exception groups, as itself.
+
+    Returns (and the caller re-raises the group) when there is more than one.
+    """
+    exc: BaseException = group
+    while isinstance(exc, BaseExceptionGroup):
+        if len(exc.exceptions) != 1:
+            return
+        exc = exc.exceptions[0]
+    context, cause, suppress = exc.__context__, exc.__cause__, exc.__suppress_context__
+    try:
+        raise exc
+    finally:
+        # Keep the exception as the test raised it, not chained to our group.
+        exc.__context__, exc.__cause__, exc.__suppress_context__ = context, cause, suppress

@@ -1,0 +1,321 @@
+"""The ``asyncworker`` command: demo, run (one and several processes), publish, errors."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import trio
+
+from .conftest import BROKER_URL, Broker, wait_for
+
+pytestmark = pytest.mark.anyio
+
+COMMAND = [sys.executable, "-m", "asyncworker"]
+
+
+def run_cli(
+    *args: str,
+    cwd: Path | None = None,
+    stdin: bytes | None = None,
+    env: dict[str, str] | None = None,
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*COMMAND, *args],
+        cwd=cwd,
+        input=stdin.decode() if stdin is not None else None,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, **(env or {})},
+        check=False,
+    )
+
+
+# -- demo ----------------------------------------------------------------------------
+
+
+def expected_demo(messages: int) -> dict[str, dict[str, int]]:
+    """What the demo must report, from its documented rule (not from its code).
+
+    Odd ids go to demo.orders (Retry, 3 attempts, then demo.orders.dlq), even
+    ids to demo.emails (requeue; reject into the DLX).  Ids divisible by 7
+    always fail; other ids divisible by 5 fail on their first attempt only.
+    """
+    result = {}
+    for queue, parity in (("demo.orders", 1), ("demo.emails", 0)):
+        ids = [i for i in range(1, messages + 1) if i % 2 == parity]
+        poison = sum(1 for i in ids if i % 7 == 0)
+        once = sum(1 for i in ids if i % 5 == 0 and i % 7 != 0)
+        if queue == "demo.orders":
+            processed = len(ids) + once + 2 * poison
+            numbers = {
+                "processed": processed,
+                "acked": processed,
+                "requeued": 0,
+                "retried": once + 2 * poison,
+            }
+        else:
+            processed = len(ids) + once
+            numbers = {
+                "processed": processed,
+                "acked": len(ids) - poison,
+                "requeued": once,
+                "retried": 0,
+            }
+        result[queue] = {
+            "published": len(ids),
+            "ok": len(ids) - poison,
+            "dead-lettered": poison,
+            **numbers,
+        }
+    return result
+
+
+@pytest.mark.parametrize("messages", [200, 57])
+def test_demo_exits_zero_with_the_expected_summary(messages: int) -> None:
+    args = ["demo"] if messages == 200 else ["demo", "--messages", str(messages)]
+    result = run_cli(*args)
+    assert result.returncode == 0, result.stdout + result.stderr
+    lines = result.stdout.splitlines()
+    header_index = next(i for i, line in enumerate(lines) if line.startswith("queue "))
+    columns = lines[header_index].split()
+    rows = {}
+    for line in lines[header_index + 2 :]:
+        if not line.strip():
+            break
+        cells = line.split()
+        rows[cells[0]] = dict(zip(columns[1:], cells[1:], strict=True))
+    expected = expected_demo(messages)
+    for queue, numbers in expected.items():
+        assert {k: int(rows[queue][k]) for k in numbers} == numbers, queue
+        assert float(rows[queue]["ms/message"]) > 0
+    assert int(rows["total"]["published"]) == messages
+    assert "progress:" in result.stdout
+    # Quiet by default: no log lines, no tracebacks.
+    assert "Traceback" not in result.stdout + result.stderr
+    assert result.stderr == ""
+
+
+# -- run: errors ------------------------------------------------------------------------
+
+
+def test_run_unknown_module_is_one_clear_line(tmp_path: Path) -> None:
+    result = run_cli("run", "nosuchmodule:app", cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr == (
+        "asyncworker: cannot import module 'nosuchmodule': No module named 'nosuchmodule'\n"
+    )
+
+
+def test_run_missing_attribute_is_one_clear_line(tmp_path: Path) -> None:
+    (tmp_path / "mod.py").write_text("value = 1\n")
+    result = run_cli("run", "mod:missing", cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr == "asyncworker: module 'mod' has no attribute 'missing'\n"
+    result = run_cli("run", "mod:value", cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1
+    assert "mod:value is not an asyncworker App" in result.stderr
+
+
+def test_run_broken_module_is_one_clear_line(tmp_path: Path) -> None:
+    (tmp_path / "broken.py").write_text("import no_such_dependency_aw\n")
+    result = run_cli("run", "broken:app", cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr == (
+        "asyncworker: cannot import module 'broken': No module named 'no_such_dependency_aw'\n"
+    )
+
+
+def test_version() -> None:
+    from asyncworker import __version__
+
+    result = run_cli("--version")
+    assert result.returncode == 0
+    assert result.stdout.strip() == f"asyncworker {__version__}"
+
+
+# -- publish ------------------------------------------------------------------------------
+
+
+@pytest.mark.rabbitmq
+async def test_publish_round_trip(broker: Broker, tmp_path: Path) -> None:
+    queue = await broker.declare("cli-publish")
+    # The flag wins over the environment (which points nowhere).
+    env = {"ASYNCWORKER_URL": "amqp://guest:guest@127.0.0.1:1/"}
+    result = await trio.to_thread.run_sync(
+        lambda: run_cli(
+            "publish",
+            queue,
+            "hello",
+            "--count",
+            "5",
+            "--header",
+            "k=v",
+            "--url",
+            BROKER_URL,
+            env=env,
+        )
+    )
+    assert result.returncode == 0, result.stderr
+    assert "5 confirmed" in result.stdout
+    assert "guest:guest" not in result.stdout + result.stderr
+    body_file = tmp_path / "body.bin"
+    body_file.write_bytes(b"\x00binary\xff")
+    env = {"ASYNCWORKER_URL": BROKER_URL}
+    from_file = await trio.to_thread.run_sync(
+        lambda: run_cli("publish", queue, "--file", str(body_file), env=env)
+    )
+    from_stdin = await trio.to_thread.run_sync(
+        lambda: run_cli("publish", queue, env=env, stdin=b"from stdin")
+    )
+    assert from_file.returncode == from_stdin.returncode == 0, from_file.stderr
+    with trio.fail_after(10):
+        deliveries = []
+        while (delivery := await broker.channel.get(queue, no_ack=True)) is not None:
+            deliveries.append(delivery)
+    assert [d.body for d in deliveries] == [b"hello"] * 5 + [b"\x00binary\xff", b"from stdin"]
+    assert deliveries[0].properties.headers == {"k": "v"}
+    assert deliveries[0].properties.delivery_mode == 2
+
+
+@pytest.mark.rabbitmq
+async def test_publish_to_a_missing_queue_fails() -> None:
+    result = await trio.to_thread.run_sync(
+        lambda: run_cli("publish", "aw-test-no-such-queue-cli", "x", "--url", BROKER_URL)
+    )
+    assert result.returncode == 1
+    assert "0 confirmed" in result.stdout
+    assert "no queue named 'aw-test-no-such-queue-cli'" in result.stderr
+
+
+# -- run --workers ------------------------------------------------------------------------
+
+
+def write_worker(tmp_path: Path, queue: str) -> Path:
+    """A worker module whose App points nowhere (the test gives the URL) and logs pids."""
+    pids = tmp_path / "pids.log"
+    (tmp_path / "worker.py").write_text(
+        textwrap.dedent(
+            f"""
+            import os
+            import trio
+            from asyncworker import App
+
+            app = App(url="amqp://guest:guest@127.0.0.1:1/", prefetch_count=8, grace_period=10)
+
+            @app.route([{queue!r}])
+            async def handler(message):
+                await trio.sleep(0.02)
+                with open({str(pids)!r}, "a") as f:
+                    f.write(f"{{os.getpid()}}\\n")
+            """
+        )
+    )
+    return pids
+
+
+def handled_by(pids: Path) -> dict[int, int]:
+    if not pids.exists():
+        return {}
+    counts: dict[int, int] = {}
+    for line in pids.read_text().splitlines():
+        if line:
+            counts[int(line)] = counts.get(int(line), 0) + 1
+    return counts
+
+
+async def wait_exit(process: subprocess.Popen[bytes], timeout: float = 30) -> int:
+    with trio.fail_after(timeout):
+        while process.poll() is None:
+            await trio.sleep(0.05)
+    return process.returncode
+
+
+@pytest.mark.rabbitmq
+async def test_run_two_workers_share_a_queue_and_sigterm_drains_both(
+    broker: Broker, tmp_path: Path
+) -> None:
+    queue = await broker.declare("cli-workers")
+    published = 600
+    await broker.publish_many(queue, [b"%d" % i for i in range(published)])
+    pids = write_worker(tmp_path, queue)
+    stderr = tmp_path / "stderr.log"
+    with stderr.open("wb") as err:
+        process = subprocess.Popen(
+            [*COMMAND, "run", "worker:app", "--workers", "2", "--log-level", "WARNING"],
+            cwd=tmp_path,
+            stdout=subprocess.DEVNULL,
+            stderr=err,
+            env={**os.environ, "ASYNCWORKER_URL": BROKER_URL},  # overrides the App's URL
+        )
+        try:
+            # Both processes get messages (RabbitMQ round-robins between consumers).
+            await wait_for(
+                lambda: len(handled_by(pids)) == 2 and min(handled_by(pids).values()) >= 20,
+                timeout=30,
+            )
+            process.send_signal(signal.SIGTERM)
+            code = await wait_exit(process)
+        finally:
+            if process.poll() is None:
+                process.kill()
+    output = stderr.read_text()
+    assert code == 0, output
+    counts = handled_by(pids)
+    assert len(counts) == 2 and process.pid not in counts
+    handled = sum(counts.values())
+    assert handled < published, "drained before SIGTERM: publish more or slow the handler"
+    left = await broker.settled_count(queue, published - handled)
+    assert handled + left == published, output
+    assert "guest:guest" not in output
+
+
+@pytest.mark.rabbitmq
+async def test_run_reports_a_crashed_worker_and_keeps_the_others(
+    broker: Broker, tmp_path: Path
+) -> None:
+    queue = await broker.declare("cli-crash")
+    published = 600
+    await broker.publish_many(queue, [b"%d" % i for i in range(published)])
+    pids = write_worker(tmp_path, queue)
+    stderr = tmp_path / "stderr.log"
+    with stderr.open("wb") as err:
+        process = subprocess.Popen(
+            [*COMMAND, "run", "worker:app", "--workers", "2", "--url", BROKER_URL],
+            cwd=tmp_path,
+            stdout=subprocess.DEVNULL,
+            stderr=err,
+        )
+        try:
+            await wait_for(lambda: len(handled_by(pids)) == 2, timeout=30)
+            victim, survivor = sorted(handled_by(pids))
+            os.kill(victim, signal.SIGKILL)
+            await wait_for(lambda: "was killed by signal SIGKILL" in stderr.read_text())
+            # The other worker goes on consuming.
+            before = handled_by(pids)[survivor]
+            await wait_for(lambda: handled_by(pids)[survivor] >= before + 20)
+            assert process.poll() is None
+            process.send_signal(signal.SIGTERM)
+            code = await wait_exit(process)
+        finally:
+            if process.poll() is None:
+                process.kill()
+    output = stderr.read_text()
+    assert code == 1, output  # not every worker ended cleanly
+    assert re.search(
+        rf"worker \d \(pid {victim}\) was killed by signal SIGKILL; the other workers keep "
+        "running",
+        output,
+    ), output
+    # At least once: the killed worker's unacked messages were redelivered.
+    handled = sum(handled_by(pids).values())
+    left = await broker.count(queue)
+    assert handled + left >= published
