@@ -260,6 +260,7 @@ class App(LifecycleMixin):
         self._publisher_locks: dict[str, trio.Lock] = {}
         self._nursery: trio.Nursery | None = None
         self._worker_scopes: set[trio.CancelScope] = set()
+        self._startup_scope: trio.CancelScope | None = None
         #: A dict for application state shared by handlers (database pools, clients, ...).
         self.state: dict[str, Any] = {}
 
@@ -372,7 +373,6 @@ class App(LifecycleMixin):
     async def _run_until_signal(self) -> None:
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
             async with trio.open_nursery() as nursery:
-                await nursery.start(self.serve)
 
                 async def on_signals() -> None:
                     count = 0
@@ -383,13 +383,18 @@ class App(LifecycleMixin):
                             logger.info(
                                 "%s received: draining (grace %.0f s)", name, self.grace_period
                             )
-                            nursery.start_soon(self.shutdown)
+                            # Not shutdown(): that ignores a signal received
+                            # before serve() began, and startup may hang.
+                            self._request_stop()
                         else:
                             logger.warning("%s received again: cancelling in-flight handlers", name)
                             self.grace_period = 0
                             self._force_stop()
 
+                # Listening before serve() starts: a signal during startup
+                # (a slow connection, a hanging startup hook) stops it too.
                 nursery.start_soon(on_signals)
+                await nursery.start(self.serve)
                 await self._stopped.wait()
                 nursery.cancel_scope.cancel()
 
@@ -400,17 +405,30 @@ class App(LifecycleMixin):
         consumer is registered on the broker (a missing queue is logged and
         retried in the background; it does not hold up the others).  Raises
         ``ConnectError`` if a vhost's connection cannot be opened at start.
+        A ``shutdown()`` during startup cancels a startup hook still running,
+        reports started and returns without consuming.
         """
         if self._serving:
             raise RuntimeError("this App is already serving")
         if not self._routes:
             raise RuntimeError("this App has no routes: add one with @app.route([...])")
         self._serving = True
-        self._stop_event = trio.Event()
+        # _stop_event is fresh (see the finally clause): a signal received by
+        # run() before this point still stops this serve().
         self._stopped = trio.Event()
         try:
             # Startup hooks first: handlers and chains may rely on app.state.
-            await self._lifecycle.startup()
+            # shutdown() cancels a hook that hangs (nothing is consumed yet).
+            with trio.CancelScope() as self._startup_scope:
+                if self._stop_event.is_set():
+                    self._startup_scope.cancel()
+                await self._lifecycle.startup()
+            self._startup_scope = None
+            if self._stop_event.is_set():
+                logger.info("shutdown requested during startup: not consuming")
+                # Release `await nursery.start(app.serve)`; there is nothing to serve.
+                task_status.started()
+                return
             by_vhost: dict[str, list[Consumer]] = {}
             for route in self._routes:
                 chain = self._build_chain(route)
@@ -444,11 +462,13 @@ class App(LifecycleMixin):
             raise
         finally:
             await self._lifecycle.shutdown()
+            self._startup_scope = None
             self._nursery = None
             self._serving = False
             self._started = False
             self._connections.clear()
             self._publishers.clear()
+            self._stop_event = trio.Event()
             self._stopped.set()
 
     async def shutdown(self) -> None:
@@ -461,11 +481,16 @@ class App(LifecycleMixin):
         """
         if not self._serving:
             return
-        self._stop_event.set()
+        self._request_stop()
         await self._stopped.wait()
 
-    def _force_stop(self) -> None:
+    def _request_stop(self) -> None:
         self._stop_event.set()
+        if self._startup_scope is not None:
+            self._startup_scope.cancel()
+
+    def _force_stop(self) -> None:
+        self._request_stop()
         self._cancel_handlers()
 
     def _build_chain(self, route: _Route) -> CallNext:
@@ -539,6 +564,13 @@ class App(LifecycleMixin):
                         await self._stop_event.wait()
                 finally:
                     self._connections.pop(vhost, None)
+            if first:
+                # Stopped before the first connection: nothing to wait for.
+                task_status.started()
+            # This vhost is done: from now on a publish to it (a shutdown hook,
+            # a handler still finishing) opens a connection of its own instead
+            # of waiting for a reconnection that never comes.
+            self._connected.pop(vhost, connected).set()
             # Handlers of a connection that died during shutdown may still run;
             # the grace timer bounds this wait.  Then retire the idle workers.
             for consumer in consumers:
@@ -655,25 +687,28 @@ class App(LifecycleMixin):
     @asynccontextmanager
     async def _publisher(self, vhost: str) -> AsyncIterator[Channel]:
         """A confirm-mode channel on ``vhost``; retried across reconnects while serving."""
-        if vhost not in self._connected or not self._serving:
-            # Not one of the vhosts we consume from (or not serving): a
-            # short-lived connection of its own.
+        # A context manager yields once: retrying the body is the caller's job
+        # (see publish()).  Only getting a channel is retried here.
+        channel: Channel | None = None
+        while channel is None:
+            connected = self._connected.get(vhost)
+            if connected is None or not self._serving:
+                break
+            await connected.wait()
+            try:
+                channel = await self._publisher_channel(vhost)
+            except (ConnectionClosed, ChannelClosed) as exc:
+                if isinstance(exc, QueueNotFound):
+                    raise
+                await trio.sleep(0.05)
+        if channel is None:
+            # Not one of the vhosts we consume from (or not serving, or that
+            # vhost's consumers have stopped): a short-lived connection of its own.
             async with connect(replace(self._params, vhost=vhost)) as connection:
                 channel = await connection.channel()
                 await channel.confirm_select()
                 yield channel
             return
-        # A context manager yields once: retrying the body is the caller's job
-        # (see publish()).  Only getting a channel is retried here.
-        while True:
-            await self._connected[vhost].wait()
-            try:
-                channel = await self._publisher_channel(vhost)
-                break
-            except (ConnectionClosed, ChannelClosed) as exc:
-                if isinstance(exc, QueueNotFound):
-                    raise
-                await trio.sleep(0.05)
         try:
             yield channel
         except (ConnectionClosed, ChannelClosed):

@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import trio
 
 from ._exceptions import AsyncWorkerError
+from .middlewares.ack_requeue import _split_cancelled
 
 if TYPE_CHECKING:
     from ._app import App, _Route
@@ -192,10 +193,20 @@ class Lifecycle:
             nonlocal running
             try:
                 await task.function(self.app)
-            except Exception:
-                logger.exception(
-                    "periodic task %r failed; it runs again in %g s", task.name, interval
+            except BaseException as exc:
+                # A failure grouped with the Cancelled of a shutdown is still
+                # the task's own: logged, never raised into serve().
+                cancelled, failure = _split_cancelled(exc)
+                if failure is None:
+                    raise
+                logger.error(
+                    "periodic task %r failed; it runs again in %g s",
+                    task.name,
+                    interval,
+                    exc_info=failure,
                 )
+                if cancelled is not None:
+                    raise cancelled from None
             finally:
                 running -= 1
 

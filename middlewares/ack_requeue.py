@@ -78,35 +78,60 @@ class AckRequeue:
         except BaseException as exc:
             if not message.settled:
                 _settle(message, self.on_exception)
-            if not isinstance(exc, Exception):
+            cancelled, failure = _split_cancelled(exc)
+            if failure is None:
                 raise  # KeyboardInterrupt, SystemExit, BaseExceptionGroup of them
             if isinstance(message, list):
-                _log_batch_failure(message)
-                return
-            logger.exception(
-                "handler failed on message %d of queue %r (vhost %r); message %s",
-                message.delivery_tag,
-                message.queue,
-                message.vhost,
-                _OUTCOME[message.settlement],
-            )
+                _log_batch_failure(message, failure)
+            else:
+                logger.error(
+                    "handler failed on message %d of queue %r (vhost %r); message %s",
+                    message.delivery_tag,
+                    message.queue,
+                    message.vhost,
+                    _OUTCOME[message.settlement],
+                    exc_info=failure,
+                )
+            if cancelled is not None:
+                raise cancelled from None
         else:
             if not message.settled:
                 _settle(message, self.on_success)
 
 
-def _log_batch_failure(batch: list[Message]) -> None:
+def _split_cancelled(
+    exc: BaseException,
+) -> tuple[BaseException | None, Exception | None]:
+    """``(cancellation, handler failure)`` parts of what the chain raised.
+
+    A handler whose nursery is cancelled (shutdown past its grace period)
+    while one of its tasks fails raises ``BaseExceptionGroup([Cancelled,
+    ValueError])``: the cancellation goes on, the failure is the handler's and
+    must not reach the worker nursery (it would stop every queue).  The
+    failure is None when ``exc`` is none of that (KeyboardInterrupt, ...).
+    """
+    if isinstance(exc, Exception):
+        return None, exc
+    if isinstance(exc, BaseExceptionGroup):
+        cancelled, rest = exc.split(trio.Cancelled)
+        if cancelled is not None and isinstance(rest, Exception):
+            return cancelled, rest
+    return None, None
+
+
+def _log_batch_failure(batch: list[Message], failure: Exception) -> None:
     outcomes: dict[str, int] = {}
     for message in batch:
         outcome = _OUTCOME[message.settlement].split(" (")[0]
         outcomes[outcome] = outcomes.get(outcome, 0) + 1
     first = batch[0] if batch else None
-    logger.exception(
+    logger.error(
         "bulk handler failed on a batch of %d messages of queue %r (vhost %r); messages %s",
         len(batch),
         getattr(batch, "queue", first.queue if first else "?"),
         getattr(batch, "vhost", first.vhost if first else "?"),
         ", ".join(f"{count} {outcome}" for outcome, count in sorted(outcomes.items())),
+        exc_info=failure,
     )
 
 

@@ -181,10 +181,16 @@ async def test_nothing_lost_across_connection_kills_and_a_broker_restart() -> No
         grace_period=10,
     )
 
+    # Past 1200 messages, handlers wait for the broker restart: rabbitmqctl can
+    # take seconds on a busy machine, and the run must not finish before it.
+    restarted = trio.Event()
+
     @app.route([queue])
     async def handler(message: Message) -> None:
         # Slow enough that every fault lands while the worker is mid-load.
         await trio.sleep(random.uniform(0.005, 0.02))
+        if len(processed) >= 1200:
+            await restarted.wait()
         processed.append(int(message.body))
 
     def recovered(count: int) -> bool:
@@ -204,6 +210,7 @@ async def test_nothing_lost_across_connection_kills_and_a_broker_restart() -> No
                 finally:
                     await ctl("start_app")
                     await ctl("await_startup")
+                    restarted.set()
                 await wait_for(lambda: recovered(3), timeout=60)
                 await wait_for(lambda: len(set(processed)) == total, timeout=60)
                 in_queue = 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import logging
+import signal
 import subprocess
 import sys
 import textwrap
@@ -293,3 +294,142 @@ def test_state_is_a_plain_dict() -> None:
     assert app.state == {}
     app.state["x"] = 1
     logging.getLogger(__name__).debug("state %s", app.state)
+
+
+async def test_shutdown_during_a_hanging_startup_hook_returns(mem: MemoryBroker) -> None:
+    # A startup hook that never returns (a database that does not answer)
+    # must not make shutdown() hang, nor serve() fail with trio's
+    # "child exited without calling task_status.started()".
+    app, _ = make_app(mem)
+    in_hook = trio.Event()
+
+    @app.on_startup
+    async def connect_database(app: App) -> None:
+        in_hook.set()
+        await trio.sleep_forever()
+
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(app.serve)
+            await in_hook.wait()
+            await app.shutdown()
+    assert not app.statistics().serving
+
+
+async def test_shutdown_right_after_startup_hooks_returns(mem: MemoryBroker) -> None:
+    # shutdown() between the startup hooks and the first connection.
+    app, _ = make_app(mem)
+
+    @app.on_startup
+    async def stop_at_once(app: App) -> None:
+        app._stop_event.set()  # as shutdown() does, from inside serve()
+
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(app.serve)
+    assert not app.statistics().serving
+
+
+async def test_a_shutdown_hook_can_publish(mem: MemoryBroker) -> None:
+    # The consumers' connection is closed when shutdown hooks run: a publish
+    # there must use a connection of its own, not wait for one that never comes.
+    app, _ = make_app(mem, grace_period=30)
+
+    @app.on_shutdown
+    async def say_goodbye(app: App) -> None:
+        await app.publish(b"bye", routing_key="jobs", timeout=10)
+
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(app.serve)
+            stopping = trio.current_time()
+            await app.shutdown()
+            assert trio.current_time() - stopping < 1
+    assert [d.body for d in mem.ready_messages("/", "jobs")] == [b"bye"]
+
+
+def test_sigterm_during_a_hanging_startup_hook_exits_0() -> None:
+    script = textwrap.dedent(
+        """
+        import sys, trio
+        from asyncworker import App
+
+        app = App(url="memory://hooks")
+
+        @app.route(["q"], declare=True)
+        async def handler(message):
+            pass
+
+        @app.on_startup
+        async def connect_database(app):
+            print("in hook", flush=True)
+            await trio.sleep_forever()
+
+        app.run()
+        """
+    )
+    with subprocess.Popen(
+        [sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    ) as proc:
+        try:
+            assert proc.stdout is not None
+            assert proc.stdout.readline().strip() == "in hook"
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(timeout=20) == 0, proc.stderr.read() if proc.stderr else ""
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+
+
+async def _child_failing_on_cancel() -> None:
+    try:
+        await trio.sleep_forever()
+    finally:
+        raise ValueError("cleanup failed")  # what a careless cleanup does
+
+
+async def test_handler_failing_while_cancelled_at_grace_end_does_not_crash_serve(
+    mem: MemoryBroker, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Cancelled at the end of the grace period, the handler's nursery raises
+    # BaseExceptionGroup([Cancelled, ValueError]): the ValueError is the
+    # handler's and must be logged, not raised out of serve().
+    app = App(url=mem.url, grace_period=1)
+    running = trio.Event()
+
+    @app.route(["jobs"], declare=True)
+    async def handler(message: Message) -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_child_failing_on_cancel)
+            nursery.start_soon(trio.sleep_forever)
+            running.set()
+
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(app.serve)
+            await app.publish(b"x", routing_key="jobs")
+            await running.wait()
+            await app.shutdown()
+    assert [d.body for d in mem.ready_messages("/", "jobs")] == [b"x"]
+    assert "cleanup failed" in caplog.text
+
+
+async def test_periodic_task_failing_while_cancelled_at_grace_end_does_not_crash_serve(
+    mem: MemoryBroker, caplog: pytest.LogCaptureFixture
+) -> None:
+    app, _ = make_app(mem, grace_period=1)
+    running = trio.Event()
+
+    @app.run_every(1.0, run_at_start=True)
+    async def flush(app: App) -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_child_failing_on_cancel)
+            nursery.start_soon(trio.sleep_forever)
+            running.set()
+
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(app.serve)
+            await running.wait()
+            await app.shutdown()
+    assert "cleanup failed" in caplog.text
