@@ -32,7 +32,7 @@ from contextlib import AbstractAsyncContextManager, asynccontextmanager, suppres
 from typing import TYPE_CHECKING, Any, Final, TypeVar
 
 import trio
-from pamqp import commands, decode, encode
+from pamqp import commands
 from pamqp import frame as pframe
 from pamqp.base import Frame as _PamqpMethod
 from pamqp.header import ProtocolHeader
@@ -160,7 +160,7 @@ def _shortstr(value: str) -> bytes:
 
 _i32 = struct.Struct(">i")
 _i64 = struct.Struct(">q")
-_u32 = struct.Struct(">I")
+_u64 = struct.Struct(">Q")
 _f64 = struct.Struct(">d")
 
 
@@ -168,9 +168,11 @@ def _field_table(table: Mapping[str, Any]) -> bytes:
     """Encode an AMQP field table (headers, arguments).
 
     Ours rather than pamqp's: pamqp 3.3 packs ints in -128..-1 as an unsigned
-    octet (``struct.error``), encodes floats as 32-bit (losing precision) and
-    refuses ``bytes``.  Ints go out as signed 32 or 64 bits, floats as
-    doubles, bytes-like values as byte arrays.
+    octet (``struct.error``), encodes floats as 32-bit (losing precision),
+    refuses ``bytes`` and turns small decimals such as ``Decimal("1E-7")``
+    into 0.  Ints go out as signed 32 or 64 bits, floats as doubles,
+    bytes-like values as byte arrays.  A value that cannot be encoded raises
+    ``TypeError`` (``ValueError`` for a too long key or string) naming the key.
     """
     parts = []
     for key, value in table.items():
@@ -179,8 +181,8 @@ def _field_table(table: Mapping[str, Any]) -> bytes:
         parts.append(_shortstr(key))
         try:
             parts.append(_field_value(value))
-        except TypeError as exc:
-            raise TypeError(f"cannot encode header/argument {key!r}: {exc}") from None
+        except (TypeError, ValueError) as exc:
+            raise type(exc)(f"cannot encode header/argument {key!r}: {exc}") from None
     raw = b"".join(parts)
     return _u32.pack(len(raw)) + raw
 
@@ -200,11 +202,11 @@ def _field_value(value: Any) -> bytes:
     if isinstance(value, float):
         return b"d" + _f64.pack(value)
     if isinstance(value, decimal.Decimal):
-        return b"D" + encode.decimal(value)
+        return b"D" + _decimal(value)
     if isinstance(value, (bytes, bytearray, memoryview)):
         return b"x" + _u32.pack(len(value)) + bytes(value)
     if isinstance(value, datetime.datetime):
-        return b"T" + encode.timestamp(value)
+        return b"T" + _timestamp(value)
     if isinstance(value, Mapping):
         return b"F" + _field_table(value)
     if isinstance(value, (list, tuple)):
@@ -216,6 +218,113 @@ def _field_value(value: Any) -> bytes:
         f"unsupported type {type(value).__name__}; use bool, int, float, str, bytes, "
         "Decimal, datetime, dict, list or None"
     )
+
+
+def _decimal(value: decimal.Decimal) -> bytes:
+    """An AMQP decimal: a scale octet (decimal places) and a signed 32-bit integer."""
+    exponent = value.as_tuple().exponent
+    if not isinstance(exponent, int):
+        raise TypeError(f"decimal {value} is not a finite number")
+    scale = max(0, -exponent)
+    raw = int(value.scaleb(scale))
+    if scale > 255 or not -(2**31) <= raw < 2**31:
+        raise TypeError(
+            f"decimal {value} does not fit in an AMQP decimal (a signed 32-bit integer "
+            "and at most 255 decimal places): send it as a string"
+        )
+    return _u8.pack(scale) + _i32.pack(raw)
+
+
+def _timestamp(value: datetime.datetime) -> bytes:
+    """An AMQP timestamp: unsigned seconds since the epoch (naive datetimes are UTC)."""
+    if value.tzinfo is None or value.utcoffset() is None:
+        value = value.replace(tzinfo=datetime.UTC)
+    seconds = int(value.timestamp())
+    if seconds < 0:
+        raise TypeError(f"timestamp {value.isoformat()} is before 1970: AMQP cannot encode it")
+    return _u64.pack(seconds)
+
+
+def _to_datetime(seconds: int) -> datetime.datetime | None:
+    """An AMQP timestamp as an aware UTC datetime; None if it is out of range."""
+    # As pamqp does: values beyond 2106 are taken for milliseconds (some
+    # clients send those).
+    value = seconds / 1000.0 if seconds > 0xFFFFFFFF else seconds
+    try:
+        return datetime.datetime.fromtimestamp(value, tz=datetime.UTC)
+    except (OverflowError, OSError, ValueError):
+        return None
+
+
+#: Field value types of fixed size (RabbitMQ's 0-9-1 errata, plus 'L').
+_FIXED_FIELDS: Final[dict[int, struct.Struct]] = {
+    ord("b"): struct.Struct(">b"),
+    ord("B"): struct.Struct(">B"),
+    ord("s"): struct.Struct(">h"),
+    ord("u"): struct.Struct(">H"),
+    ord("I"): struct.Struct(">i"),
+    ord("i"): struct.Struct(">I"),
+    ord("l"): struct.Struct(">q"),
+    ord("L"): struct.Struct(">Q"),
+    ord("f"): struct.Struct(">f"),
+    ord("d"): struct.Struct(">d"),
+}
+
+
+def _decode_table(data: bytes, pos: int) -> tuple[dict[str, Any], int]:
+    """Decode the field table at ``pos``; return it and the position after it.
+
+    Ours rather than pamqp's: pamqp 3.3 reads a decimal's value as unsigned
+    (``-1.5`` comes back as ``429496728.1``), re-slices its input at every
+    value and fails on timestamps out of datetime's range.
+    """
+    end = pos + 4 + _u32.unpack_from(data, pos)[0]
+    pos += 4
+    table: dict[str, Any] = {}
+    while pos < end:
+        n = data[pos]
+        key = data[pos + 1 : pos + 1 + n].decode("utf-8", "replace")
+        table[key], pos = _decode_value(data, pos + 1 + n)
+    return table, end
+
+
+def _decode_value(data: bytes, pos: int) -> tuple[Any, int]:
+    kind = data[pos]
+    pos += 1
+    fixed = _FIXED_FIELDS.get(kind)
+    if fixed is not None:
+        return fixed.unpack_from(data, pos)[0], pos + fixed.size
+    if kind == 0x53:  # S: long string; bytes if it is not UTF-8 (as pamqp does)
+        end = pos + 4 + _u32.unpack_from(data, pos)[0]
+        raw = data[pos + 4 : end]
+        try:
+            return raw.decode(), end
+        except UnicodeDecodeError:
+            return bytes(raw), end
+    if kind == 0x74:  # t: boolean
+        return data[pos] != 0, pos + 1
+    if kind == 0x46:  # F: nested table
+        return _decode_table(data, pos)
+    if kind == 0x41:  # A: array
+        end = pos + 4 + _u32.unpack_from(data, pos)[0]
+        pos += 4
+        items = []
+        while pos < end:
+            item, pos = _decode_value(data, pos)
+            items.append(item)
+        return items, end
+    if kind == 0x54:  # T: timestamp (the raw number if datetime cannot hold it)
+        seconds = _u64.unpack_from(data, pos)[0]
+        when = _to_datetime(seconds)
+        return (seconds if when is None else when), pos + 8
+    if kind == 0x44:  # D: decimal (scale octet, signed 32-bit value)
+        return decimal.Decimal(_i32.unpack_from(data, pos + 1)[0]).scaleb(-data[pos]), pos + 5
+    if kind == 0x78:  # x: byte array
+        end = pos + 4 + _u32.unpack_from(data, pos)[0]
+        return bytes(data[pos + 4 : end]), end
+    if kind == 0x56 or kind == 0:  # V: void (and 0, seen in the wild)
+        return None, pos
+    raise _ProtocolError(f"unknown field value type {kind:#04x} in a table")
 
 
 def _encode_properties(p: Properties) -> bytes:
@@ -251,7 +360,7 @@ def _encode_properties(p: Properties) -> bytes:
         parts.append(_shortstr(p.message_id))
     if p.timestamp is not None:
         flags |= _P_TIMESTAMP
-        parts.append(encode.timestamp(p.timestamp))
+        parts.append(_timestamp(p.timestamp))
     if p.type is not None:
         flags |= _P_TYPE
         parts.append(_shortstr(p.type))
@@ -268,7 +377,10 @@ def _decode_properties(data: bytes, pos: int, flags: int) -> Properties:
     """Decode the property list of a content header starting at ``pos``.
 
     Only the properties that are present are touched: the common case (a
-    couple of flags, or none) costs a few slices.
+    couple of flags, or none) costs a few slices.  It never fails on what a
+    foreign publisher may send (invalid UTF-8, absurd timestamps): an error
+    here would close the connection, and every reconnection would meet the
+    same message again.
     """
     if not flags:
         return Properties()
@@ -277,16 +389,21 @@ def _decode_properties(data: bytes, pos: int, flags: int) -> Properties:
     p = Properties()
     if flags & _P_CONTENT_TYPE:
         n = data[pos]
-        p.content_type = data[pos + 1 : pos + 1 + n].decode()
+        p.content_type = data[pos + 1 : pos + 1 + n].decode("utf-8", "replace")
         pos += 1 + n
     if flags & _P_CONTENT_ENCODING:
         n = data[pos]
-        p.content_encoding = data[pos + 1 : pos + 1 + n].decode()
+        p.content_encoding = data[pos + 1 : pos + 1 + n].decode("utf-8", "replace")
         pos += 1 + n
     if flags & _P_HEADERS:
         size = _u32.unpack_from(data, pos)[0]
-        # pamqp re-slices its input while decoding: hand it only the table.
-        p.headers = decode.field_table(data[pos : pos + 4 + size])[1]
+        try:
+            p.headers = _decode_table(data, pos)[0]
+        except (_ProtocolError, struct.error, IndexError) as exc:
+            # The table's size is known: skip it rather than kill the connection
+            # (and the next one, which the same message would reach again).
+            log.warning("ignoring the undecodable headers table of a message: %s", exc)
+            p.headers = {}
         pos += 4 + size
     if flags & _P_DELIVERY_MODE:
         p.delivery_mode = data[pos]
@@ -296,34 +413,34 @@ def _decode_properties(data: bytes, pos: int, flags: int) -> Properties:
         pos += 1
     if flags & _P_CORRELATION_ID:
         n = data[pos]
-        p.correlation_id = data[pos + 1 : pos + 1 + n].decode()
+        p.correlation_id = data[pos + 1 : pos + 1 + n].decode("utf-8", "replace")
         pos += 1 + n
     if flags & _P_REPLY_TO:
         n = data[pos]
-        p.reply_to = data[pos + 1 : pos + 1 + n].decode()
+        p.reply_to = data[pos + 1 : pos + 1 + n].decode("utf-8", "replace")
         pos += 1 + n
     if flags & _P_EXPIRATION:
         n = data[pos]
-        p.expiration = data[pos + 1 : pos + 1 + n].decode()
+        p.expiration = data[pos + 1 : pos + 1 + n].decode("utf-8", "replace")
         pos += 1 + n
     if flags & _P_MESSAGE_ID:
         n = data[pos]
-        p.message_id = data[pos + 1 : pos + 1 + n].decode()
+        p.message_id = data[pos + 1 : pos + 1 + n].decode("utf-8", "replace")
         pos += 1 + n
     if flags & _P_TIMESTAMP:
-        p.timestamp = decode.timestamp(data[pos : pos + 8])[1]
+        p.timestamp = _to_datetime(_u64.unpack_from(data, pos)[0])
         pos += 8
     if flags & _P_TYPE:
         n = data[pos]
-        p.type = data[pos + 1 : pos + 1 + n].decode()
+        p.type = data[pos + 1 : pos + 1 + n].decode("utf-8", "replace")
         pos += 1 + n
     if flags & _P_USER_ID:
         n = data[pos]
-        p.user_id = data[pos + 1 : pos + 1 + n].decode()
+        p.user_id = data[pos + 1 : pos + 1 + n].decode("utf-8", "replace")
         pos += 1 + n
     if flags & _P_APP_ID:
         n = data[pos]
-        p.app_id = data[pos + 1 : pos + 1 + n].decode()
+        p.app_id = data[pos + 1 : pos + 1 + n].decode("utf-8", "replace")
         pos += 1 + n
     # cluster-id (deprecated) is ignored.
     return p
@@ -1079,6 +1196,13 @@ class AMQPConnection:
             + props
             + _FRAME_END_BYTE
         )
+        if len(header) > self._frame_max:
+            # Properties cannot span frames: the broker would close the whole
+            # connection (501 FRAME_ERROR), every consumer on it included.
+            raise ValueError(
+                f"the message properties take {len(props)} bytes encoded, more than fit "
+                f"in one frame (frame_max {self._frame_max}): move large headers into the body"
+            )
         chunk = self._frame_max - 8
         if size == 0:
             return [method, header]
@@ -1380,6 +1504,15 @@ class AMQPConnection:
                 f"cannot connect to {display}: the broker does not offer PLAIN "
                 f"authentication (offers {start.mechanisms})"
             )
+        try:
+            f"{params.user}{params.password}".encode()
+        except UnicodeEncodeError:
+            # Checked here: the codec's error would quote the whole PLAIN
+            # response, password included.
+            raise AuthenticationError(
+                f"cannot connect to {display}: the user name or password is not valid "
+                "UTF-8 text (read from bytes in another encoding?)"
+            ) from None
         client_properties: dict[str, Any] = {
             "product": "asyncworker",
             "version": _VERSION,
@@ -1492,15 +1625,15 @@ def _negotiate(ours: int, theirs: int) -> int:
 def _parse_deliver(data: bytes, p: int) -> tuple[Any, ...]:
     """Decode the arguments of a basic.deliver method starting at ``p``."""
     n = data[p]
-    consumer_tag = data[p + 1 : p + 1 + n].decode()
+    consumer_tag = data[p + 1 : p + 1 + n].decode("utf-8", "replace")
     p += 1 + n
     delivery_tag, redelivered = _deliver_mid.unpack_from(data, p)
     p += 9
     n = data[p]
-    exchange = data[p + 1 : p + 1 + n].decode()
+    exchange = data[p + 1 : p + 1 + n].decode("utf-8", "replace")
     p += 1 + n
     n = data[p]
-    routing_key = data[p + 1 : p + 1 + n].decode()
+    routing_key = data[p + 1 : p + 1 + n].decode("utf-8", "replace")
     return (_DELIVER, consumer_tag, delivery_tag, bool(redelivered & 1), exchange, routing_key)
 
 

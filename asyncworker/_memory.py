@@ -27,10 +27,12 @@ Modelled:
   consumers (403), ``basic.get``, FIFO delivery per consumer, delivery tags per
   channel from 1;
 * ``ack``/``reject``/``nack`` (``multiple`` too; tag 0 with ``multiple`` means
-  all); requeued messages go back to the head of the queue with
-  ``redelivered=True``: in a classic queue at their original position (in
-  publish order among the other requeued ones, as RabbitMQ does), in a quorum
-  queue after the messages returned before them; an unknown delivery tag
+  all); requeued messages go back to the queue with ``redelivered=True``:
+  in a classic queue at their original position (in
+  publish order among the other requeued ones, as RabbitMQ does); in a quorum
+  queue, as RabbitMQ 3.10 does, a message returned by a closing channel goes
+  to the head (after the messages returned before it) and one requeued by
+  ``reject``/``nack`` to the back of the queue; an unknown delivery tag
   closes the channel with 406; unacknowledged messages are requeued when
   their channel or connection closes;
 * dead-lettering (``x-dead-letter-exchange``, ``x-dead-letter-routing-key``)
@@ -46,8 +48,9 @@ Modelled:
   queue" dead-lettering back into a work queue works, and under
   ``trio.testing.MockClock(autojump_threshold=0)`` a 30 s TTL takes no time;
 * ``x-queue-type: quorum`` queues: the ``x-delivery-count`` header (absent on
-  the first delivery, then the number of earlier returned deliveries, which
-  grows on requeue and on channel close) and ``x-delivery-limit``; quorum
+  a consumer's first delivery, 0 in a first ``basic.get-ok``, then the number
+  of earlier returned deliveries, which grows on requeue and on channel
+  close) and ``x-delivery-limit``; quorum
   queues must be durable, non-exclusive and not auto-delete (406);
 * ``x-max-length`` with ``x-overflow`` ``drop-head`` (dead-letters with reason
   ``maxlen``), ``reject-publish`` and ``reject-publish-dlx`` (publisher nack);
@@ -294,6 +297,7 @@ class _Message:
         "properties",
         "queue",
         "redelivered",
+        "returned",
         "routing_key",
         "seq",
     )
@@ -314,6 +318,7 @@ class _Message:
         self.routing_key = routing_key
         self.expires_at = expires_at
         self.redelivered = False
+        self.returned = False  # in a quorum queue's "returns", served before the rest
         self.delivery_count = 0
         self.seq = 0  # set by _Queue.push: the publish order within the queue
 
@@ -435,8 +440,12 @@ class _Queue:
             self.reschedule()
         return True
 
-    def requeue(self, messages: list[_Message]) -> None:
-        """Return messages (in delivery order) to the head of the queue."""
+    def requeue(self, messages: list[_Message], *, rejected: bool = False) -> None:
+        """Return messages (in delivery order) to the queue.
+
+        ``rejected``: requeued by ``basic.reject``/``basic.nack`` rather than
+        returned by a closing channel or connection (quorum queues differ).
+        """
         if self.deleted:
             return
         ready = self.ready
@@ -454,10 +463,21 @@ class _Queue:
             return
         self.stats.requeued += len(returned)
         head: list[_Message] = []
-        if self.quorum:
-            # A quorum queue serves returned messages first, in the order they came back.
-            while ready and ready[0].redelivered:
+        if self.quorum and rejected:
+            # RabbitMQ 3.10's quorum queues requeue a rejected message at the
+            # back, so that a poison message cannot block the head.
+            for message in returned:
+                message.returned = False
+                self._seq += 1
+                message.seq = self._seq
+            ready.extend(returned)
+        elif self.quorum:
+            # Messages returned by a closing channel are served first, in the
+            # order they came back.
+            while ready and ready[0].returned:
                 head.append(ready.popleft())
+            for message in returned:
+                message.returned = True
             head.extend(returned)
         else:
             # A classic queue puts them back at their original position: merge
@@ -467,7 +487,8 @@ class _Queue:
             while ready and ready[0].seq < top:
                 head.append(ready.popleft())
             head = list(heapq.merge(head, returned, key=_seq_of)) if head else returned
-        ready.extendleft(reversed(head))
+        if head:
+            ready.extendleft(reversed(head))
         self.dispatch()
         self.reschedule()
 
@@ -501,12 +522,14 @@ class _Queue:
             self.deliver(consumer, message)
         self.reschedule()
 
-    def delivery_properties(self, message: _Message) -> Properties:
+    def delivery_properties(self, message: _Message, get: bool = False) -> Properties:
         # Each delivery gets its own Properties, so a handler mutating them
         # cannot change what the next delivery (or a dead-lettered copy) sees.
+        # RabbitMQ 3.10 adds x-delivery-count to a quorum queue's basic.get-ok
+        # always, to a consumer's delivery only once it was returned.
         props = message.properties
         headers = props.headers
-        if self.quorum and message.delivery_count:
+        if self.quorum and (message.delivery_count or get):
             headers = dict(headers) if headers else {}
             headers["x-delivery-count"] = message.delivery_count
         elif headers is not None:
@@ -1148,7 +1171,9 @@ class MemoryChannel:
         if queue.auto_delete and not queue.consumers and queue.had_consumers:
             self._vhost.delete_queue(queue)
 
-    def _requeue_entries(self, entries: list[tuple[_Message, _Consumer | None]]) -> None:
+    def _requeue_entries(
+        self, entries: list[tuple[_Message, _Consumer | None]], rejected: bool = False
+    ) -> None:
         by_queue: dict[_Queue, list[_Message]] = {}
         for message, consumer in entries:
             queue = message.queue
@@ -1157,7 +1182,7 @@ class MemoryChannel:
                 consumer.unacked -= 1
             by_queue.setdefault(queue, []).append(message)
         for queue, messages in by_queue.items():
-            queue.requeue(messages)
+            queue.requeue(messages, rejected=rejected)
 
     def _take(self, delivery_tag: int, multiple: bool) -> list[tuple[_Message, _Consumer | None]]:
         """Remove and return the unacked entries a settlement covers.
@@ -1276,7 +1301,7 @@ class MemoryChannel:
         if requeue:
             for message, _ in entries:
                 message.queue.stats.rejected += 1
-            self._requeue_entries(entries)
+            self._requeue_entries(entries, rejected=True)
         else:
             touched: dict[_Queue, None] = {}
             for message, consumer in entries:
@@ -1391,7 +1416,7 @@ class MemoryChannel:
             exchange=message.exchange,
             routing_key=message.routing_key,
             body=message.body,
-            properties=q.delivery_properties(message),
+            properties=q.delivery_properties(message, get=True),
             message_count=len(q.ready),
         )
 

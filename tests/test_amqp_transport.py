@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import datetime
+import decimal
 import subprocess
+import traceback
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import replace
+from functools import partial
 
 import pytest
 import trio
+import trio.testing
 
 from asyncworker._amqp import AMQPChannel, AMQPConnection, connect
 from asyncworker._exceptions import (
@@ -18,6 +22,7 @@ from asyncworker._exceptions import (
     ChannelClosed,
     ConnectError,
     ConnectionClosed,
+    PublishNacked,
     QueueNotFound,
     Unroutable,
 )
@@ -424,3 +429,106 @@ async def test_missed_heartbeats_close_the_connection() -> None:
             nursery.cancel_scope.cancel()
         for listener in listeners:
             await listener.aclose()
+
+
+async def test_bodies_split_at_frame_max_boundaries() -> None:
+    queue = qname()
+    with trio.fail_after(20):
+        async with open_channel(queue) as (conn, ch):
+            await ch.confirm_select()
+            payload = conn.frame_max - 8  # the most a body frame carries
+            for size in (payload - 1, payload, payload + 1, 2 * payload, 2 * payload + 1):
+                body = bytes(i % 251 for i in range(size))
+                await ch.publish(body, routing_key=queue)
+                got = await ch.get(queue, no_ack=True)
+                assert got is not None and got.body == body, size
+            assert conn.is_open
+
+
+async def test_properties_larger_than_a_frame_raise_and_the_connection_survives() -> None:
+    queue = qname()
+    with trio.fail_after(10):
+        async with open_channel(queue) as (conn, ch):
+            await ch.confirm_select()
+            big = Properties(headers={"trace": "x" * conn.frame_max})
+            with pytest.raises(ValueError, match="frame_max"):
+                await ch.publish(b"x", routing_key=queue, properties=big)
+            # Neither the connection nor the confirm sequence suffered.
+            await ch.publish(b"next", routing_key=queue)
+            got = await ch.get(queue, no_ack=True)
+            assert got is not None and got.body == b"next"
+            assert conn.is_open
+
+
+async def test_header_values_of_every_type_survive_the_broker() -> None:
+    queue = qname()
+    headers = {
+        "neg-decimal": decimal.Decimal("-12.345"),
+        "tiny-decimal": decimal.Decimal("1E-7"),
+        "neg-small": -1,
+        "big": -(2**40),
+        "double": 0.1,
+        "bytes": b"\x00\xff",
+        "none": None,
+        "when": datetime.datetime(2024, 1, 2, 3, 4, 5, tzinfo=datetime.UTC),
+        "nested": {"list": [1, "a", {"deep": [True, decimal.Decimal("-0.5")]}]},
+    }
+    with trio.fail_after(10):
+        async with open_channel(queue) as (_, ch):
+            await ch.confirm_select()
+            await ch.publish(b"x", routing_key=queue, properties=Properties(headers=headers))
+            got = await ch.get(queue, no_ack=True)
+            assert got is not None
+            assert got.properties.headers == headers
+
+
+async def test_confirms_stay_matched_after_nacks() -> None:
+    queue = qname()
+    with trio.fail_after(10):
+        async with open_channel() as (_, ch):
+            await ch.queue_declare(
+                queue,
+                durable=False,
+                exclusive=True,
+                arguments={"x-max-length": 1, "x-overflow": "reject-publish"},
+            )
+            await ch.confirm_select()
+            outcomes = []
+            for i in range(4):
+                try:
+                    await ch.publish(b"m%d" % i, routing_key=queue)
+                    outcomes.append("ack")
+                except PublishNacked:
+                    outcomes.append("nack")
+            assert await ch.queue_purge(queue) == 1
+            await ch.publish(b"after", routing_key=queue)
+            outcomes.append("ack")
+            assert outcomes == ["ack", "nack", "nack", "nack", "ack"]
+            got = await ch.get(queue, no_ack=True)
+            assert got is not None and got.body == b"after"
+
+
+async def test_reply_to_a_cancelled_request_does_not_reach_the_next_one() -> None:
+    queue, other = qname(), qname()
+    with trio.fail_after(10):
+        async with open_channel(queue) as (_, ch):
+            await ch.queue_declare(other, durable=False, exclusive=True)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(partial(ch.queue_declare, other, passive=True))
+                await trio.testing.wait_all_tasks_blocked()
+                nursery.cancel_scope.cancel()  # its declare-ok is still on the way
+            info = await ch.queue_declare(queue, passive=True)
+            assert info.name == queue
+            assert await ch.queue_purge(queue) == 0
+
+
+async def test_unencodable_password_never_appears_in_the_error() -> None:
+    # os.environ yields such strings (surrogate escapes) for non-UTF-8 bytes.
+    params = replace(PARAMS, password="s3cret\udcff-pw")
+    with trio.fail_after(5):
+        with pytest.raises(AuthenticationError) as info:
+            async with connect(params):
+                pytest.fail("connected with an unencodable password")
+    text = "".join(traceback.format_exception(info.value))
+    assert "s3cret" not in text
+    assert "not valid UTF-8" in str(info.value)
