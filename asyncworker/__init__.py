@@ -30,6 +30,7 @@ from ._exceptions import ConnectionClosed as ConnectionClosed
 from ._exceptions import MessageDecodeError as MessageDecodeError
 from ._exceptions import PublishError as PublishError
 from ._exceptions import PublishNacked as PublishNacked
+from ._exceptions import PublishTimeout as PublishTimeout
 from ._exceptions import QueueNotFound as QueueNotFound
 from ._exceptions import Unroutable as Unroutable
 from ._lifecycle import StartupError as StartupError
@@ -59,6 +60,7 @@ __all__ = [
     "Properties",
     "PublishError",
     "PublishNacked",
+    "PublishTimeout",
     "QueueNotFound",
     "Settlement",
     "StartupError",

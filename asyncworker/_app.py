@@ -18,13 +18,14 @@ import trio
 
 from . import _settings
 from ._bulk import BulkConfig, check_bulk
-from ._chain import CallNext, Handler, Middleware, build_chain
+from ._chain import _IN_WORKER, CallNext, Handler, Middleware, build_chain
 from ._consumer import Consumer, ConsumerStatistics
 from ._exceptions import (
     AsyncWorkerError,
     ChannelClosed,
     ConnectError,
     ConnectionClosed,
+    PublishTimeout,
     QueueNotFound,
 )
 from ._lifecycle import Lifecycle, LifecycleMixin
@@ -39,6 +40,9 @@ if TYPE_CHECKING:
 __all__ = ["App", "AppStatistics", "Backoff", "ConnectionEvent"]
 
 logger = logging.getLogger("asyncworker")
+
+#: Seconds between reports of handlers still running after the grace period.
+_STUCK_REPORT_SECONDS = 10.0
 
 # A handler of messages, or of ``list[Message]`` on a bulk route.
 H = TypeVar("H", bound=Callable[..., Awaitable[Any]])
@@ -474,6 +478,9 @@ class App(LifecycleMixin):
     async def shutdown(self) -> None:
         """Stop gracefully and return once ``serve()`` has finished.
 
+        Called from a handler, it starts the shutdown and returns at once (the
+        handler's own message is then settled as usual).
+
         Every consumer is cancelled on the broker; messages delivered but not
         started go back to their queue; in-flight handlers get
         ``grace_period`` seconds to finish (then they are cancelled and their
@@ -482,6 +489,11 @@ class App(LifecycleMixin):
         if not self._serving:
             return
         self._request_stop()
+        if _IN_WORKER.get():
+            # Called by a handler: waiting for serve() to finish would wait for
+            # this very handler (until the grace period cancels it and requeues
+            # its message).  Stopping is under way; let the handler return.
+            return
         await self._stopped.wait()
 
     def _request_stop(self) -> None:
@@ -587,6 +599,20 @@ class App(LifecycleMixin):
             self.grace_period,
         )
         self._cancel_handlers()
+        # A handler that shields itself from cancellation keeps serve() open;
+        # say which one, since trio cannot leave it behind.
+        while True:
+            await trio.sleep(_STUCK_REPORT_SECONDS)
+            stuck = [
+                f"{c.vhost}/{c.queue} ({c.in_flight})"
+                for c in self.statistics().consumers
+                if c.in_flight
+            ]
+            if stuck:
+                logger.error(
+                    "shutdown is waiting for handlers that ignore cancellation: %s",
+                    ", ".join(stuck),
+                )
 
     def _cancel_handlers(self) -> None:
         for scope in self._worker_scopes:
@@ -636,7 +662,7 @@ class App(LifecycleMixin):
         it, ``Unroutable`` if ``mandatory`` and no queue was bound,
         ``QueueNotFound`` if the exchange does not exist.  While the App is
         serving, a publish interrupted by a lost connection is retried on the
-        next one, for up to ``timeout`` seconds.
+        next one, for up to ``timeout`` seconds; then ``PublishTimeout``.
         """
         payload, content_type = _encode_body(body)
         props = replace(properties) if properties is not None else Properties()
@@ -666,6 +692,13 @@ class App(LifecycleMixin):
                     # The connection (or the channel) went down before the
                     # confirm: publish again on the next one.  The first copy
                     # may have reached the queue: at-least-once.
+        except trio.TooSlowError:
+            self._lifecycle.count_publish(target_vhost, False)
+            raise PublishTimeout(
+                f"message to exchange {exchange!r} with routing key {routing_key!r} "
+                f"(vhost {target_vhost!r}) was not confirmed within {timeout} s; it may or "
+                "may not have been delivered"
+            ) from None
         except Exception:
             self._lifecycle.count_publish(target_vhost, False)
             raise

@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 import trio
 
+from ._chain import _IN_WORKER
 from ._message import Message, Settlement
 
 if TYPE_CHECKING:
@@ -293,6 +294,7 @@ class BatchCollector:
         nursery.start_soon(self._run_batch, batch, name=f"asyncworker batch {consumer.queue!r}")
 
     async def _run_batch(self, batch: Batch) -> None:
+        _IN_WORKER.set(True)
         consumer = self._consumer
         try:
             await consumer._chain(cast(Message, batch))

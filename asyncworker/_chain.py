@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextvars
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeAlias
 
@@ -15,6 +16,12 @@ Handler: TypeAlias = Callable[[Message], Awaitable[Any]]
 CallNext: TypeAlias = Callable[[Message], Awaitable[Any]]
 #: A middleware: any async callable ``(message, call_next)``.
 Middleware: TypeAlias = Callable[[Message, CallNext], Awaitable[Any]]
+
+
+#: True in the tasks that run chains (set once per worker task, not per message).
+_IN_WORKER: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "asyncworker.in_worker", default=False
+)
 
 
 def build_chain(handler: CallNext, middlewares: Sequence[Middleware]) -> CallNext:

@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING
 import trio
 
 from ._bulk import BatchCollector
+from ._chain import _IN_WORKER
 from ._exceptions import AsyncWorkerError, ChannelClosed, ConnectionClosed, QueueNotFound
 from ._message import Message, _Tally
 
@@ -145,6 +146,7 @@ class Consumer:
             nursery.start_soon(self._reaper, name=f"asyncworker reaper {self.queue!r}")
 
     async def _worker(self) -> None:
+        _IN_WORKER.set(True)
         token = object()
         self._limiter.acquire_on_behalf_of_nowait(token)
         pending = self._pending

@@ -10,7 +10,8 @@ The hierarchy::
     │   └── QueueNotFound            a queue or exchange that was used does not exist (404)
     ├── PublishError                 a publish was not accepted
     │   ├── PublishNacked            the broker answered basic.nack to a confirmed publish
-    │   └── Unroutable               a mandatory publish was returned: no queue was bound
+    │   ├── Unroutable               a mandatory publish was returned: no queue was bound
+    │   └── PublishTimeout           no confirmation came within the publish timeout
     ├── MessageDecodeError           a message body could not be decoded (``Message.json()``)
     └── HandlerTimeout               a handler ran longer than its ``Timeout`` middleware allows
 
@@ -31,6 +32,7 @@ __all__ = [
     "MessageDecodeError",
     "PublishError",
     "PublishNacked",
+    "PublishTimeout",
     "QueueNotFound",
     "Unroutable",
 ]
@@ -94,6 +96,15 @@ class PublishError(AsyncWorkerError):
 
 class PublishNacked(PublishError):
     """The broker answered ``basic.nack`` to a confirmed publish."""
+
+
+class PublishTimeout(PublishError):
+    """No confirmation came from the broker within the publish timeout.
+
+    The message may or may not have reached its queue: publishing it again
+    can make a duplicate (consumers should be idempotent, see the reliability
+    guide).
+    """
 
 
 class Unroutable(PublishError):
