@@ -25,6 +25,7 @@ Rules every transport follows:
 from __future__ import annotations
 
 import datetime
+import re
 import ssl as _ssl
 from collections.abc import Callable, Mapping
 from contextlib import AbstractAsyncContextManager
@@ -117,6 +118,13 @@ class ConnectionParams:
             )
         if scheme == "memory":
             return cls(scheme="memory", host=parts.netloc or "default", port=0, **overrides)
+        userinfo = url.partition("://")[2].rpartition("@")[0]
+        if any(char in userinfo for char in "/?#"):
+            # urlsplit would cut the password there and connect elsewhere.
+            raise ValueError(
+                f"cannot parse {redact_url(url)!r}: percent-encode '/', '?' and '#' in the "
+                "user name and password (as %2F, %3F and %23)"
+            )
         try:
             port = parts.port
         except ValueError as exc:
@@ -153,14 +161,17 @@ class ConnectionParams:
         )
 
 
+_USERINFO = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*://[^:/@]*):.*@")
+
+
 def redact_url(url: str) -> str:
-    """Return ``url`` with any password replaced by ``***``."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.rsplit("@", 1)
-    user = netloc[0].split(":", 1)[0]
-    return parts._replace(netloc=f"{user}:***@{netloc[1]}").geturl()
+    """Return ``url`` with any password replaced by ``***``.
+
+    Textual, up to the last ``@``: it also hides a password holding
+    characters that should have been percent-encoded (``/``, ``#``, ``?``),
+    which a URL parser would split elsewhere.
+    """
+    return _USERINFO.sub(r"\1:***@", url, count=1)
 
 
 #: Called with each delivery, from the transport's reader task.  Must not block.

@@ -99,3 +99,16 @@ def test_routes_after_serving_started_are_refused() -> None:
     app._serving = True
     with pytest.raises(RuntimeError, match="before serve"):
         app.route(["q"])
+
+
+@pytest.mark.parametrize("password", ["se#cret", "se?cret", "se/cret", "a@b"])
+def test_a_password_with_special_characters_is_never_shown(password: str) -> None:
+    url = f"amqp://user:{password}@broker.example:5672/"
+    try:
+        app = App(url=url)
+    except ValueError as exc:
+        assert password not in str(exc)
+        assert "percent-encode" in str(exc)
+    else:  # '@' is unambiguous: the last one ends the password
+        assert password not in repr(app) and password not in app.url
+        assert app._params.password == password
