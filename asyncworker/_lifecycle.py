@@ -86,10 +86,27 @@ def _check_async(function: object, what: str) -> None:
         )
 
 
+def _require_http_extra() -> None:
+    import importlib.util
+
+    missing = [
+        name
+        for name in ("hypercorn", "prometheus_client")
+        if importlib.util.find_spec(name) is None
+    ]
+    if missing:
+        raise RuntimeError(
+            f"App(http=...) needs {' and '.join(missing)}: install the 'http' extra "
+            "(pip install 'asyncworker[http]')"
+        )
+
+
 class Lifecycle:
     """What an App runs besides its consumers (one per App)."""
 
     def __init__(self, app: App, http: str | None) -> None:
+        if http is not None:
+            _require_http_extra()
         self.app = app
         self.startup_hooks: list[Hook] = []
         self.shutdown_hooks: list[Hook] = []

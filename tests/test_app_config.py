@@ -112,3 +112,18 @@ def test_a_password_with_special_characters_is_never_shown(password: str) -> Non
     else:  # '@' is unambiguous: the last one ends the password
         assert password not in repr(app) and password not in app.url
         assert app._params.password == password
+
+
+def test_http_without_the_http_extra_says_how_to_install_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import importlib.util
+
+    real_find_spec = importlib.util.find_spec
+
+    def find_spec(name: str, *args: object, **kwargs: object) -> object:
+        return None if name == "hypercorn" else real_find_spec(name)
+
+    monkeypatch.setattr(importlib.util, "find_spec", find_spec)
+    with pytest.raises(RuntimeError, match=r"pip install 'asyncworker\[http\]'"):
+        App(http="127.0.0.1:8080")
