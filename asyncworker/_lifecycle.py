@@ -161,7 +161,18 @@ class Lifecycle:
             return
         from ._http import serve_http
 
-        self.http_url = await nursery.start(serve_http, self.app, self.metrics, self.http)
+        try:
+            self.http_url = await nursery.start(serve_http, self.app, self.metrics, self.http)
+        except (OSError, BaseExceptionGroup) as exc:
+            # hypercorn's nurseries wrap the bind error in groups.
+            leaf: BaseException = exc
+            while isinstance(leaf, BaseExceptionGroup) and len(leaf.exceptions) == 1:
+                leaf = leaf.exceptions[0]
+            if not isinstance(leaf, OSError):
+                raise
+            raise StartupError(
+                f"cannot serve health and metrics on {self.http}: {leaf.strerror or leaf}"
+            ) from leaf
 
     def wrap_handler(self, route: _Route) -> CallNext:
         """The route's handler, timed for the metrics when the App serves HTTP."""

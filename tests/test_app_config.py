@@ -127,3 +127,27 @@ def test_http_without_the_http_extra_says_how_to_install_it(
     monkeypatch.setattr(importlib.util, "find_spec", find_spec)
     with pytest.raises(RuntimeError, match=r"pip install 'asyncworker\[http\]'"):
         App(http="127.0.0.1:8080")
+
+
+async def test_an_http_address_in_use_is_a_startup_error() -> None:
+    import socket
+
+    from asyncworker import StartupError
+    from asyncworker._memory import MemoryBroker, register_broker, unregister_broker
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        name = register_broker(MemoryBroker())
+        app = App(url=f"memory://{name}", http=f"127.0.0.1:{port}")
+
+        @app.route(["q"], declare=True)
+        async def handler(message: Message) -> None:
+            pass
+
+        try:
+            with pytest.raises(StartupError, match=f"127.0.0.1:{port}"):
+                await app.serve()
+        finally:
+            unregister_broker(name)
