@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import threading
 import time
@@ -38,8 +39,21 @@ def parse_args(system: str) -> argparse.Namespace:
 
 
 def _cpu() -> float:
-    r = resource.getrusage(resource.RUSAGE_SELF)
-    return r.ru_utime + r.ru_stime
+    """Seconds on CPU of this process's threads.
+
+    From the scheduler's exact per-thread accounting (``/proc/self/task/*/
+    schedstat``) where Linux has it; ``getrusage`` samples CPU time at timer
+    ticks, which biases a process that wakes 1,000 times a second.
+    """
+    try:
+        total = 0
+        for task in os.listdir("/proc/self/task"):
+            with open(f"/proc/self/task/{task}/schedstat") as f:
+                total += int(f.read().split()[0])
+        return total / 1e9
+    except OSError:
+        r = resource.getrusage(resource.RUSAGE_SELF)
+        return r.ru_utime + r.ru_stime
 
 
 def publish_ts(payload: Any) -> int:
