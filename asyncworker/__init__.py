@@ -27,6 +27,7 @@ from ._exceptions import AuthenticationError as AuthenticationError
 from ._exceptions import ChannelClosed as ChannelClosed
 from ._exceptions import ConnectError as ConnectError
 from ._exceptions import ConnectionClosed as ConnectionClosed
+from ._exceptions import HandlerTimeout as HandlerTimeout
 from ._exceptions import MessageDecodeError as MessageDecodeError
 from ._exceptions import PublishError as PublishError
 from ._exceptions import PublishNacked as PublishNacked
@@ -34,6 +35,8 @@ from ._exceptions import PublishTimeout as PublishTimeout
 from ._exceptions import QueueNotFound as QueueNotFound
 from ._exceptions import Unroutable as Unroutable
 from ._lifecycle import StartupError as StartupError
+from ._logging import JsonFormatter as JsonFormatter
+from ._logging import configure_logging as configure_logging
 from ._message import Message as Message
 from ._message import Settlement as Settlement
 from ._transport import Properties as Properties
@@ -54,6 +57,8 @@ __all__ = [
     "ConnectionEvent",
     "ConsumerStatistics",
     "Handler",
+    "HandlerTimeout",
+    "JsonFormatter",
     "Message",
     "MessageDecodeError",
     "Middleware",
@@ -65,4 +70,5 @@ __all__ = [
     "Settlement",
     "StartupError",
     "Unroutable",
+    "configure_logging",
 ]

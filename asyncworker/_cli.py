@@ -2,7 +2,7 @@
 
 ::
 
-    asyncworker run module:app [--url URL] [--workers N] [--log-level LEVEL]
+    asyncworker run module:app [--url URL] [--workers N] [--log-level LEVEL] [--http HOST:PORT]
     asyncworker publish QUEUE [BODY | --file F] [--url URL] [--count N] [--header K=V ...]
     asyncworker demo [--messages N] [--verbose]
     asyncworker --version
@@ -103,6 +103,14 @@ def _parser() -> argparse.ArgumentParser:
         metavar="LEVEL",
         help="DEBUG, INFO, WARNING, ERROR or CRITICAL (default ASYNCWORKER_LOG_LEVEL, else INFO)",
     )
+    run.add_argument(
+        "--http",
+        metavar="HOST:PORT",
+        help=(
+            "serve /health and /metrics there (needs the 'http' extra); overrides the App's "
+            "http= and ASYNCWORKER_HTTP; with --workers N, worker i listens on PORT+i-1"
+        ),
+    )
     run.set_defaults(func=_cmd_run)
 
     publish = commands.add_parser(
@@ -186,7 +194,7 @@ def load_app(target: str) -> App:
             f"cannot import module {module_name!r}: {exc.msg} ({exc.filename}, line {exc.lineno})"
         ) from None
     except Exception as exc:
-        where = traceback.extract_tb(exc.__traceback__)[-1]
+        where = _user_frame(exc)
         raise UsageError(
             f"importing module {module_name!r} raised {type(exc).__name__}: {exc} "
             f"({where.filename}, line {where.lineno})"
@@ -203,6 +211,21 @@ def load_app(target: str) -> App:
             f"{type(obj).__name__!r}); point to the App object, e.g. {module_name}:app"
         )
     return obj
+
+
+def _user_frame(exc: BaseException) -> traceback.FrameSummary:
+    """The innermost frame of ``exc``'s traceback in the user's code, not asyncworker's.
+
+    ``App(prefech_count=1)`` or a sync handler fail inside asyncworker; the line
+    to fix is the user's line that called it.
+    """
+    frames = traceback.extract_tb(exc.__traceback__)
+    package = os.path.dirname(os.path.abspath(__file__))
+    for frame in reversed(frames):
+        filename = os.path.abspath(frame.filename)
+        if not filename.startswith(package + os.sep) and "<frozen " not in frame.filename:
+            return frame
+    return frames[-1]
 
 
 def override_url(app: App, url: str) -> None:
@@ -224,6 +247,28 @@ def override_url(app: App, url: str) -> None:
     app._params = params
 
 
+def check_http(address: str) -> tuple[str, int]:
+    """Validate ``--http HOST:PORT``; raise ``UsageError`` saying what is wrong."""
+    from ._lifecycle import _require_http_extra
+
+    try:
+        host, port = _settings.parse_http_address(address, "--http ")
+        _require_http_extra()
+    except (ValueError, RuntimeError) as exc:
+        raise UsageError(str(exc).replace("App(http=...)", "--http")) from None
+    return host, port
+
+
+def override_http(app: App, address: str, worker: int = 1) -> None:
+    """Serve ``app``'s health and metrics on ``address`` (port + worker - 1 unless 0)."""
+    host, port = check_http(address)
+    if port and worker > 1:
+        port += worker - 1
+        if port > 65535:
+            raise UsageError(f"--http {address}: worker {worker} would need port {port}")
+    app._lifecycle.http = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 def _resolve_url(flag: str | None) -> str | None:
     # The command-line flag wins over the environment.
     return flag if flag else _settings.url()
@@ -241,20 +286,34 @@ def _set_log_level(level: str | None) -> None:
         ) from None
 
 
+def _check_log_settings() -> None:
+    # App.run() reads these; a bad value is one line here, not a traceback there.
+    try:
+        _settings.log_level()
+        _settings.log_format()
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
     _set_log_level(args.log_level)
+    _check_log_settings()
     url = _resolve_url(args.url)
     # Import in this process first, so a bad module is one clear line, once.
     app = load_app(args.target)
     if url is not None:
         override_url(app, url)
+    if args.http is not None:
+        check_http(args.http)
     if args.workers == 1:
+        if args.http is not None:
+            override_http(app, args.http)
         app.run()
         return 0
-    return _run_workers(args.target, url, args.workers, app.url)
+    return _run_workers(args.target, url, args.workers, app.url, args.http)
 
 
-def _worker_main(target: str, url: str | None, cwd: str) -> None:
+def _worker_main(target: str, url: str | None, cwd: str, http: str | None, number: int) -> None:
     """Entry point of one worker process (spawned: it imports the module itself)."""
     # A process group of its own: Ctrl-C in a terminal then reaches the parent
     # only, which forwards it once (a second SIGINT would skip the grace period).
@@ -264,13 +323,17 @@ def _worker_main(target: str, url: str | None, cwd: str) -> None:
         app = load_app(target)
         if url is not None:
             override_url(app, url)
+        if http is not None:
+            override_http(app, http, number)
     except UsageError as exc:
         print(f"asyncworker: {exc}", file=sys.stderr)
         sys.exit(2)
     app.run()
 
 
-def _run_workers(target: str, url: str | None, count: int, display_url: str) -> int:
+def _run_workers(
+    target: str, url: str | None, count: int, display_url: str, http: str | None = None
+) -> int:
     """Run ``count`` worker processes; forward SIGINT/SIGTERM; report crashes."""
     context = multiprocessing.get_context("spawn")
     cwd = os.getcwd()
@@ -295,7 +358,7 @@ def _run_workers(target: str, url: str | None, count: int, display_url: str) -> 
         for number in range(1, count + 1):
             process = context.Process(
                 target=_worker_main,
-                args=(target, url, cwd),
+                args=(target, url, cwd, http, number),
                 name=f"asyncworker-worker-{number}",
             )
             process.start()
@@ -338,6 +401,11 @@ def _cmd_publish(args: argparse.Namespace) -> int:
         params = ConnectionParams.from_url(url)
     except ValueError as exc:
         raise UsageError(f"invalid broker URL {redact_url(url)!r}: {exc}") from None
+    if params.scheme == "memory":
+        raise UsageError(
+            f"cannot publish to {redact_url(url)!r}: a memory:// broker lives inside one process; "
+            "give the URL of a RabbitMQ broker (amqp://user:pass@host:port/vhost)"
+        )
     if args.vhost:
         params = replace(params, vhost=args.vhost)
     if args.body is not None and args.file is not None:
@@ -370,8 +438,13 @@ def _cmd_publish(args: argparse.Namespace) -> int:
         confirmed, refused = trio.run(
             _publish, params, args.exchange, args.queue, body, args.count, headers
         )
-    except AsyncWorkerError as exc:
-        print(f"asyncworker: cannot publish to {where} {args.queue!r}: {exc}", file=sys.stderr)
+    except (AsyncWorkerError, BaseExceptionGroup) as exc:
+        # A publish that closes the channel (no such exchange) fails every
+        # publish in flight: report the error once, not as a group traceback.
+        error = _first_error(exc)
+        if error is None:
+            raise
+        print(f"asyncworker: cannot publish to {where} {args.queue!r}: {error}", file=sys.stderr)
         return 1
     print(
         f"published {args.count} message(s) to {where} {args.queue!r} on {params.url()} "
@@ -380,6 +453,18 @@ def _cmd_publish(args: argparse.Namespace) -> int:
     for reason, n in sorted(refused.items()):
         print(f"asyncworker: {n} message(s) not accepted: {reason}", file=sys.stderr)
     return 0 if confirmed == args.count else 1
+
+
+def _first_error(exc: BaseException) -> BaseException | None:
+    """``exc`` if it is an asyncworker error, else the first one in its group, else None."""
+    from ._exceptions import AsyncWorkerError
+
+    if isinstance(exc, BaseExceptionGroup):
+        matched, rest = exc.split(AsyncWorkerError)
+        if matched is None or rest is not None:
+            return None
+        return _first_error(matched.exceptions[0])
+    return exc if isinstance(exc, AsyncWorkerError) else None
 
 
 async def _publish(

@@ -9,8 +9,8 @@
             assert client.acked("orders") == 1
             assert client.queue_size("orders.dlq") == 0
 
-A ``TestClient`` runs ``app.serve`` on a fresh, private in-memory broker (the
-one ``memory://`` URLs reach, see ``asyncworker._memory``), so the App goes
+A ``TestClient`` runs ``app.serve`` on a fresh, private in-memory broker (a
+``MemoryBroker``, the kind ``memory://`` URLs reach), so the App goes
 through the very code it runs in production: its routes, middlewares,
 settlement policy, ``Retry``'s republishing and dead-lettering, ``Timeout``,
 graceful shutdown.  The broker models RabbitMQ's delivery semantics
@@ -34,14 +34,16 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from ._memory import MemoryBroker, QueueStats, register_broker, unregister_broker
+from ._memory import MemoryBroker as MemoryBroker
+from ._memory import QueueStats as QueueStats
+from ._memory import register_broker, unregister_broker
 from ._transport import Channel, ConnectionParams, Properties, connect
 
 if TYPE_CHECKING:
     from ._app import App
     from ._consumer import Consumer
 
-__all__ = ["TestClient"]
+__all__ = ["MemoryBroker", "QueueStats", "TestClient"]
 
 
 class TestClient:

@@ -134,6 +134,108 @@ def test_run_broken_module_is_one_clear_line(tmp_path: Path) -> None:
     )
 
 
+def test_run_mistake_in_the_module_points_at_the_users_line(tmp_path: Path) -> None:
+    (tmp_path / "syncworker.py").write_text(
+        "from asyncworker import App\n"
+        "app = App(url='memory://')\n"
+        "@app.route(['q'])\n"
+        "def handler(message): ...\n"
+    )
+    result = run_cli("run", "syncworker", cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1
+    assert "handler 'handler' must be an async function" in result.stderr
+    assert f"({tmp_path / 'syncworker.py'}, line 3)" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [("ASYNCWORKER_LOG_FORMAT", "xml"), ("ASYNCWORKER_LOG_LEVEL", "LOUD")],
+)
+def test_run_bad_log_settings_are_one_clear_line(tmp_path: Path, variable: str, value: str) -> None:
+    (tmp_path / "worker.py").write_text(
+        "from asyncworker import App\napp = App(url='memory://')\n"
+        "@app.route(['q'])\nasync def handler(message): ...\n"
+    )
+    result = run_cli("run", "worker", cwd=tmp_path, env={variable: value})
+    assert result.returncode == 2
+    assert result.stderr == f"asyncworker: {variable}={value!r} is not valid: " + (
+        "use 'text' or 'json', or unset it\n"
+        if variable.endswith("FORMAT")
+        else "use DEBUG, INFO, WARNING, ERROR or CRITICAL (or a number), or unset it\n"
+    )
+
+
+def test_run_bad_http_address_is_one_clear_line(tmp_path: Path) -> None:
+    (tmp_path / "worker.py").write_text(
+        "from asyncworker import App\napp = App(url='memory://')\n"
+        "@app.route(['q'])\nasync def handler(message): ...\n"
+    )
+    result = run_cli("run", "worker", "--http", "8080", cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr == (
+        "asyncworker: --http '8080' is not a valid HTTP address: use host:port, "
+        "e.g. 127.0.0.1:8080 or 0.0.0.0:9100\n"
+    )
+
+
+def _free_port_pair() -> int:
+    """A port p such that p and p + 1 are free on 127.0.0.1 (right now)."""
+    import socket
+
+    for _ in range(50):
+        with socket.socket() as first:
+            first.bind(("127.0.0.1", 0))
+            port = first.getsockname()[1]
+            if port >= 65535:
+                continue
+            with socket.socket() as second:
+                try:
+                    second.bind(("127.0.0.1", port + 1))
+                except OSError:
+                    continue
+                return port
+    raise RuntimeError("no two consecutive free ports")
+
+
+async def test_run_http_serves_health_on_one_port_per_worker(tmp_path: Path) -> None:
+    pytest.importorskip("hypercorn")
+    (tmp_path / "worker.py").write_text(
+        "from asyncworker import App\napp = App(url='memory://')\n"
+        "@app.route(['q'], declare=True)\nasync def handler(message): ...\n"
+    )
+    port = _free_port_pair()
+    process = subprocess.Popen(
+        [*COMMAND, "run", "worker", "--workers", "2", "--http", f"127.0.0.1:{port}"],
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+
+    async def ready(p: int) -> bool:
+        try:
+            stream = await trio.open_tcp_stream("127.0.0.1", p)
+        except OSError:
+            return False
+        async with stream:
+            await stream.send_all(b"GET /health HTTP/1.0\r\nHost: x\r\n\r\n")
+            answer = b""
+            while chunk := await stream.receive_some():
+                answer += chunk
+        return answer.startswith(b"HTTP/1.1 200") and b'"ok"' in answer
+
+    try:
+        await wait_for(lambda: ready(port), timeout=30, interval=0.1)
+        await wait_for(lambda: ready(port + 1), timeout=30, interval=0.1)
+        process.send_signal(signal.SIGTERM)
+        code = await wait_exit(process)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.stderr is not None
+    assert code == 0, process.stderr.read().decode()
+
+
 def test_version() -> None:
     from asyncworker import __version__
 
@@ -194,6 +296,36 @@ async def test_publish_to_a_missing_queue_fails() -> None:
     assert result.returncode == 1
     assert "0 confirmed" in result.stdout
     assert "no queue named 'aw-test-no-such-queue-cli'" in result.stderr
+
+
+@pytest.mark.rabbitmq
+async def test_publish_to_a_missing_exchange_is_one_clear_line() -> None:
+    result = await trio.to_thread.run_sync(
+        lambda: run_cli(
+            "publish",
+            "key",
+            "x",
+            "--count",
+            "5",
+            "--exchange",
+            "aw-test-no-such-ex",
+            "--url",
+            BROKER_URL,
+        )
+    )
+    assert result.returncode == 1
+    assert result.stderr.count("\n") == 1, result.stderr
+    assert result.stderr.startswith(
+        "asyncworker: cannot publish to exchange 'aw-test-no-such-ex' with routing key 'key': "
+    )
+    assert "no exchange 'aw-test-no-such-ex'" in result.stderr
+
+
+def test_publish_to_a_memory_url_says_it_needs_rabbitmq() -> None:
+    result = run_cli("publish", "orders", "x", "--url", "memory://")
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1
+    assert "a memory:// broker lives inside one process" in result.stderr
 
 
 # -- run --workers ------------------------------------------------------------------------
