@@ -1654,6 +1654,20 @@ async def _open_stream(params: ConnectionParams) -> trio.abc.Stream:
     return await trio.open_tcp_stream(params.host, params.port)
 
 
+def _os_reason(exc: BaseException) -> str:
+    """Why a TCP connection failed, in words (trio's open_tcp_stream wraps the
+    errors of each address it tried in one OSError)."""
+    causes = [exc]
+    if isinstance(exc.__cause__, BaseExceptionGroup):
+        causes = list(exc.__cause__.exceptions)
+    if all(isinstance(cause, ConnectionRefusedError) for cause in causes):
+        return "connection refused (is the broker running, and on this port?)"
+    first = causes[0]
+    if isinstance(first, OSError) and first.strerror:
+        return first.strerror.lower()
+    return repr(first)
+
+
 @asynccontextmanager
 async def _connect(params: ConnectionParams) -> AsyncIterator[AMQPConnection]:
     display = params.display
@@ -1674,7 +1688,7 @@ async def _connect(params: ConnectionParams) -> AsyncIterator[AMQPConnection]:
             ) from None
         if isinstance(exc, OSError | trio.BrokenResourceError | trio.ClosedResourceError):
             reason = exc.__cause__ if isinstance(exc, trio.BrokenResourceError) else exc
-            raise ConnectError(f"cannot connect to {display}: {reason or exc!r}") from exc
+            raise ConnectError(f"cannot connect to {display}: {_os_reason(reason or exc)}") from exc
         if isinstance(exc, _EOF):
             raise ConnectError(
                 f"cannot connect to {display}: the server closed the socket"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import difflib
+import functools
 import inspect
 import json
 import logging
@@ -173,6 +175,18 @@ class App(LifecycleMixin):
             (default ``ASYNCWORKER_HTTP``; off when neither is set).  See
             docs/operations.md.
     """
+
+    if not TYPE_CHECKING:
+        # Python's own TypeError for a misspelled keyword does not suggest the
+        # right one; this does.  Hidden from type checkers, which see (and
+        # check calls against) the real signature of __init__.
+        def __new__(cls, *args: Any, **kwargs: Any) -> App:
+            unknown = [name for name in kwargs if name not in _init_parameters()]
+            if unknown:
+                close = difflib.get_close_matches(unknown[0], _init_parameters(), n=1)
+                hint = f"; did you mean {close[0]!r}?" if close else ""
+                raise TypeError(f"App() got an unexpected keyword argument {unknown[0]!r}{hint}")
+            return super().__new__(cls)
 
     def __init__(
         self,
@@ -449,9 +463,10 @@ class App(LifecycleMixin):
                         await supervisors.start(self._supervise, vhost, consumers)
                     self._started = True
                     logger.info(
-                        "asyncworker serving %d queue(s) on %s",
+                        "serving %d queue(s) in vhost(s) %s on %s",
                         sum(len(c) for c in by_vhost.values()),
-                        self._params.display,
+                        ", ".join(repr(vhost) for vhost in by_vhost),
+                        self._params.url(),
                     )
                     task_status.started()
                     supervisors.start_soon(self._lifecycle.run_periodic)
@@ -814,6 +829,11 @@ class App(LifecycleMixin):
 
 
 # -- helpers --------------------------------------------------------------------
+
+
+@functools.cache
+def _init_parameters() -> frozenset[str]:
+    return frozenset(inspect.signature(App.__init__).parameters) - {"self"}
 
 
 def _is_async_callable(obj: object) -> bool:

@@ -13,7 +13,7 @@ async def handler(message: Message) -> None:
 
 
 def test_unknown_keyword_is_a_type_error() -> None:
-    with pytest.raises(TypeError, match="prefech_count"):
+    with pytest.raises(TypeError, match="'prefech_count'; did you mean 'prefetch_count'"):
         App(host="h", user="u", password="p", prefech_count=10)  # type: ignore[call-arg]
 
 

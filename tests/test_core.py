@@ -420,4 +420,5 @@ def test_unreachable_broker_exits_non_zero_with_one_clear_line(tmp_path: Path) -
     output = result.stdout + result.stderr
     assert "hunter2-secret" not in output
     assert "cannot start" in output and "127.0.0.1:1" in output
+    assert "connection refused" in output
     assert "Traceback" not in output
