@@ -64,10 +64,10 @@ class Message:
         "_delivery",
         "_headers",
         "_settlement",
+        "_state",
         "_tally",
         "app",
         "queue",
-        "state",
         "vhost",
     )
 
@@ -92,8 +92,7 @@ class Message:
         self.vhost = vhost
         #: The App that consumed it (None when built by hand in a test).
         self.app = app
-        #: A dict for middlewares and handlers to pass per-message data along.
-        self.state: dict[str, Any] = {}
+        self._state: dict[str, Any] | None = None
 
     def __repr__(self) -> str:
         return (
@@ -137,6 +136,13 @@ class Message:
                 f"body of message {self.delivery_tag} from queue {self.queue!r} "
                 f"(vhost {self.vhost!r}) is not valid JSON: {exc}"
             ) from exc
+
+    @property
+    def state(self) -> dict[str, Any]:
+        """A dict for middlewares and handlers to pass per-message data along."""
+        if self._state is None:
+            self._state = {}  # made on first use: most messages never need one
+        return self._state
 
     @property
     def headers(self) -> dict[str, Any]:
