@@ -532,3 +532,43 @@ async def test_unencodable_password_never_appears_in_the_error() -> None:
     text = "".join(traceback.format_exception(info.value))
     assert "s3cret" not in text
     assert "not valid UTF-8" in str(info.value)
+
+
+@pytest.mark.parametrize("direct_fd", [True, False], ids=["socket-fd", "trio-stream"])
+async def test_both_io_paths_consume_and_ack(
+    direct_fd: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Plain TCP reads and writes the socket's fd directly; TLS goes through the
+    # trio stream.  No TLS broker here, so force the stream path on TCP.
+    if not direct_fd:
+        original = AMQPConnection.__init__
+
+        def stream_only(self: AMQPConnection, *args: object, **kwargs: object) -> None:
+            original(self, *args, **kwargs)  # type: ignore[arg-type]
+            self._fd = -1
+
+        monkeypatch.setattr(AMQPConnection, "__init__", stream_only)
+    queue = qname("io-path")
+    big = bytes(range(256)) * 4096  # 1 MiB: many frames, many reads
+    with trio.fail_after(30):
+        async with open_channel(queue) as (conn, ch):
+            assert (conn._fd >= 0) is direct_fd
+            await ch.confirm_select()
+            for i in range(50):
+                await ch.publish(b"%d" % i, routing_key=queue)
+            await ch.publish(big, routing_key=queue)
+            received: list[bytes] = []
+            done = trio.Event()
+
+            def on_delivery(delivery: Delivery) -> None:
+                received.append(delivery.body)
+                ch.ack(delivery.delivery_tag)  # inline or through the writer
+                if len(received) == 51:
+                    done.set()
+
+            await ch.qos(10)
+            await ch.consume(queue, on_delivery)
+            await done.wait()
+            assert received[:50] == [b"%d" % i for i in range(50)] and received[50] == big
+            info = await ch.queue_declare(queue, passive=True)
+            assert info.message_count == 0
