@@ -21,7 +21,7 @@ import trio
 from . import _settings
 from ._bulk import BulkConfig, check_bulk
 from ._chain import _IN_WORKER, CallNext, Handler, Middleware, build_chain
-from ._consumer import Consumer, ConsumerStatistics
+from ._consumer import Consumer, ConsumerStatistics, sleep_unless, wait_first
 from ._exceptions import (
     AsyncWorkerError,
     ChannelClosed,
@@ -565,7 +565,7 @@ class App(LifecycleMixin):
                             # The consumers return when the connection closes,
                             # or after draining once the App is stopping.
                         if not self._stop_event.is_set():
-                            await _wait_first(connection.wait_closed, self._stop_event.wait)
+                            await wait_first(connection.wait_closed, self._stop_event.wait)
                         if not connection.is_open:
                             raise connection.close_reason or ConnectionClosed("connection lost")
                         await self._close_publisher(vhost)
@@ -587,8 +587,7 @@ class App(LifecycleMixin):
                         delay,
                     )
                     self._report(kind, vhost, None, exc)
-                    with trio.move_on_after(delay):
-                        await self._stop_event.wait()
+                    await sleep_unless(self._stop_event, delay)
                 finally:
                     self._connections.pop(vhost, None)
             if first:
@@ -908,17 +907,6 @@ def _only_leaf(group: BaseExceptionGroup[BaseException]) -> BaseException | None
             return None
         exc = exc.exceptions[0]
     return exc
-
-
-async def _wait_first(*waits: Callable[[], Awaitable[object]]) -> None:
-    async with trio.open_nursery() as nursery:
-        for wait in waits:
-
-            async def one(wait: Callable[[], Awaitable[object]] = wait) -> None:
-                await wait()
-                nursery.cancel_scope.cancel()
-
-            nursery.start_soon(one)
 
 
 async def _await_logged(awaitable: Awaitable[Any], event: ConnectionEvent) -> None:

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import collections
 import logging
-import math
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -101,7 +100,6 @@ class Consumer:
         self._retire = 0
         self._reaping = False
         self._closing = False
-        self._channel: Channel | None = None
         self._consumer_tag: str | None = None
         self._problem: str | None = "not started"
         self._worker_nursery: trio.Nursery | None = None
@@ -239,7 +237,7 @@ class Consumer:
                 if not started:
                     task_status.started()
                     started = True
-                await _sleep_unless(stop, delay)
+                await sleep_unless(stop, delay)
                 delay = min(delay * 2, _MISSING_QUEUE_RETRY[1])
                 continue
             except (ChannelClosed, ConnectionClosed) as exc:
@@ -261,7 +259,7 @@ class Consumer:
                     exc,
                     delay,
                 )
-                await _sleep_unless(stop, delay)
+                await sleep_unless(stop, delay)
                 delay = min(delay * 2, _MISSING_QUEUE_RETRY[1])
                 continue
             delay = _MISSING_QUEUE_RETRY[0]
@@ -305,7 +303,6 @@ class Consumer:
                     scope.shield = True
                     await channel.close()
             raise
-        self._channel = channel
         logger.info(
             "consuming queue %r in vhost %r (prefetch %d)", self.queue, self.vhost, self._prefetch
         )
@@ -323,15 +320,10 @@ class Consumer:
         """
         wake = self._wake
         assert wake is not None
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(_set_after, channel.wait_closed, wake)
-            nursery.start_soon(_set_after, self.app._stop_event.wait, wake)
-            await wake.wait()
-            nursery.cancel_scope.cancel()
+        await wait_first(channel.wait_closed, self.app._stop_event.wait, wake.wait)
         if not channel.is_open:
             reason = channel.close_reason
             self._problem = f"channel closed: {reason}"
-            self._channel = None
             self._consumer_tag = None
             # Messages waiting for a worker belong to the dead channel: the
             # broker requeued them; drop them (workers skip them too).
@@ -368,7 +360,6 @@ class Consumer:
                 await channel.close()
             except AsyncWorkerError as exc:
                 logger.debug("closing the channel of queue %r failed: %s", self.queue, exc)
-        self._channel = None
         self._problem = "stopped"
 
     def statistics(self) -> ConsumerStatistics:
@@ -390,12 +381,19 @@ class Consumer:
         )
 
 
-async def _set_after(wait: Callable[[], Awaitable[object]], event: trio.Event) -> None:
-    await wait()
-    event.set()
+async def wait_first(*waits: Callable[[], Awaitable[object]]) -> None:
+    """Return as soon as one of ``waits`` returns (the others are cancelled)."""
+    async with trio.open_nursery() as nursery:
+        for wait in waits:
+
+            async def one(wait: Callable[[], Awaitable[object]] = wait) -> None:
+                await wait()
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(one)
 
 
-async def _sleep_unless(event: trio.Event, seconds: float) -> None:
+async def sleep_unless(event: trio.Event, seconds: float) -> None:
     """Sleep ``seconds``, or less if ``event`` gets set."""
-    with trio.move_on_after(seconds if math.isfinite(seconds) else math.inf):
+    with trio.move_on_after(seconds):
         await event.wait()
