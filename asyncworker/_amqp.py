@@ -78,6 +78,10 @@ _BASIC_DELIVER: Final = 0x003C003C
 _BASIC_ACK: Final = 0x003C0050
 _BASIC_REJECT: Final = 0x003C005A
 _BASIC_NACK: Final = 0x003C0078
+_BASIC_CONSUME: Final = 0x003C0014
+_QUEUE_DECLARE: Final = 0x0032000A
+_QUEUE_BIND: Final = 0x00320014
+_EXCHANGE_DECLARE: Final = 0x0028000A
 
 #: How many bytes the reader asks for per ``receive_some``.  Large enough to
 #: hold hundreds of small deliveries, small enough to stay below glibc's mmap
@@ -155,6 +159,37 @@ class _EOF(Exception):
 
 def _method_frame(channel_id: int, method: _PamqpMethod) -> bytes:
     return pframe.marshal(method, channel_id)
+
+
+def _arguments_frame(
+    channel_id: int,
+    index: int,
+    names: tuple[str, ...],
+    flags: tuple[bool, ...],
+    arguments: Mapping[str, Any] | None,
+) -> bytes:
+    """A method frame laid out as ``reserved-1 (short), shortstr..., bits, arguments``.
+
+    ``basic.consume``, ``queue.declare``, ``queue.bind`` and
+    ``exchange.declare`` all have this layout; ``index`` is
+    ``class_id << 16 | method_id``, ``flags`` are the bit fields in the
+    spec's order (the first is the lowest bit).  Encoded here rather than by
+    pamqp so that the arguments go through :func:`_field_table`: an argument
+    that cannot be encoded raises before anything is sent.
+    """
+    bits = 0
+    for i, flag in enumerate(flags):
+        bits |= flag << i
+    payload = b"".join(
+        (
+            _u32.pack(index),
+            b"\x00\x00",  # reserved-1 (ticket)
+            *(_shortstr(name) for name in names),
+            _u8.pack(bits),
+            _field_table(arguments or {}),
+        )
+    )
+    return _frame_head.pack(_FRAME_METHOD, channel_id, len(payload)) + payload + _FRAME_END_BYTE
 
 
 def _shortstr(value: str) -> bytes:
@@ -583,12 +618,23 @@ class AMQPChannel:
 
     # -- synchronous requests
 
-    async def _rpc(self, method: _PamqpMethod, expect: type[_M]) -> _M:
+    async def _rpc(self, method: _PamqpMethod | bytes, expect: type[_M]) -> _M:
         result = await self._rpc_any(method, (expect,))
         assert isinstance(result, expect)
         return result
 
-    async def _rpc_any(self, method: _PamqpMethod, expect: tuple[type[Any], ...]) -> Any:
+    async def _rpc_any(self, method: _PamqpMethod | bytes, expect: tuple[type[Any], ...]) -> Any:
+        """Send ``method`` (a pamqp method, or a method frame encoded by the
+        caller) and wait for the reply, which must be one of ``expect``."""
+        if isinstance(method, bytes):
+            frame = method
+            if self._conn.frame_max and len(frame) > self._conn.frame_max:
+                raise ValueError(
+                    f"method frame of {len(frame)} bytes exceeds frame_max "
+                    f"{self._conn.frame_max}: the arguments are too large"
+                )
+        else:
+            frame = _method_frame(self._id, method)
         async with self._lock:
             self._check_open()
             self._conn._check_open()
@@ -597,7 +643,7 @@ class AMQPChannel:
             # arrive in request order, so an abandoned waiter must still absorb
             # its reply instead of letting the next request take it.
             self._rpcs.append(rpc)
-            self._conn._push(_method_frame(self._id, method))
+            self._conn._push(frame)
             await rpc.event.wait()
         if rpc.error is not None:
             raise _fresh(rpc.error)
@@ -647,15 +693,10 @@ class AMQPChannel:
             raise ValueError(f"consumer tag {tag!r} is already in use on this channel")
         self._consumers[tag] = (on_delivery, on_cancel)
         try:
-            await self._rpc(
-                commands.Basic.Consume(
-                    queue=queue,
-                    consumer_tag=tag,
-                    exclusive=exclusive,
-                    arguments=dict(arguments) if arguments else None,
-                ),
-                commands.Basic.ConsumeOk,
-            )
+            # no-local, no-ack, exclusive, no-wait
+            flags = (False, False, exclusive, False)
+            frame = _arguments_frame(self._id, _BASIC_CONSUME, (queue, tag), flags, arguments)
+            await self._rpc(frame, commands.Basic.ConsumeOk)
         except BaseException:
             self._consumers.pop(tag, None)
             raise
@@ -790,17 +831,10 @@ class AMQPChannel:
         arguments: Mapping[str, Any] | None = None,
     ) -> QueueInfo:
         """Declare a queue (``queue.declare``); an empty name lets the broker choose."""
-        ok = await self._rpc(
-            commands.Queue.Declare(
-                queue=queue,
-                passive=passive,
-                durable=durable,
-                exclusive=exclusive,
-                auto_delete=auto_delete,
-                arguments=dict(arguments) if arguments else None,
-            ),
-            commands.Queue.DeclareOk,
-        )
+        # passive, durable, exclusive, auto-delete, no-wait
+        flags = (passive, durable, exclusive, auto_delete, False)
+        frame = _arguments_frame(self._id, _QUEUE_DECLARE, (queue,), flags, arguments)
+        ok = await self._rpc(frame, commands.Queue.DeclareOk)
         return QueueInfo(ok.queue or queue, ok.message_count or 0, ok.consumer_count or 0)
 
     async def queue_delete(
@@ -826,15 +860,9 @@ class AMQPChannel:
         arguments: Mapping[str, Any] | None = None,
     ) -> None:
         """Bind a queue to an exchange."""
-        await self._rpc(
-            commands.Queue.Bind(
-                queue=queue,
-                exchange=exchange,
-                routing_key=routing_key,
-                arguments=dict(arguments) if arguments else None,
-            ),
-            commands.Queue.BindOk,
-        )
+        names = (queue, exchange, routing_key)
+        frame = _arguments_frame(self._id, _QUEUE_BIND, names, (False,), arguments)  # no-wait
+        await self._rpc(frame, commands.Queue.BindOk)
 
     async def exchange_declare(
         self,
@@ -847,17 +875,12 @@ class AMQPChannel:
         arguments: Mapping[str, Any] | None = None,
     ) -> None:
         """Declare an exchange."""
-        await self._rpc(
-            commands.Exchange.Declare(
-                exchange=exchange,
-                exchange_type=exchange_type,
-                passive=passive,
-                durable=durable,
-                auto_delete=auto_delete,
-                arguments=dict(arguments) if arguments else None,
-            ),
-            commands.Exchange.DeclareOk,
+        # passive, durable, auto-delete, internal, no-wait
+        flags = (passive, durable, auto_delete, False, False)
+        frame = _arguments_frame(
+            self._id, _EXCHANGE_DECLARE, (exchange, exchange_type), flags, arguments
         )
+        await self._rpc(frame, commands.Exchange.DeclareOk)
 
     async def exchange_delete(self, exchange: str) -> None:
         """Delete an exchange."""

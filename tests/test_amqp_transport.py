@@ -7,14 +7,18 @@ import decimal
 import subprocess
 import traceback
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import replace
 from functools import partial
+from typing import Any, cast
 
 import pytest
 import trio
 import trio.testing
+from pamqp import commands
+from pamqp import frame as pframe
+from pamqp.base import Frame as PamqpMethod
 
 from asyncworker._amqp import AMQPChannel, AMQPConnection, connect
 from asyncworker._exceptions import (
@@ -480,6 +484,257 @@ async def test_header_values_of_every_type_survive_the_broker() -> None:
             got = await ch.get(queue, no_ack=True)
             assert got is not None
             assert got.properties.headers == headers
+
+
+# -- arguments of consume / queue.declare / queue.bind / exchange.declare
+
+
+class _Recorder:
+    """Stands in for an AMQPConnection: records the frames a channel sends."""
+
+    frame_max = 131072
+
+    def __init__(self) -> None:
+        self.frames: list[bytes] = []
+
+    def _check_open(self) -> None:
+        pass
+
+    def _push(self, frame: bytes) -> None:
+        self.frames.append(frame)
+
+
+async def _sent_frames(call: Callable[[AMQPChannel], Awaitable[object]]) -> list[bytes]:
+    """The frames ``call`` sends on a channel (no broker: its reply never comes)."""
+    recorder = _Recorder()
+    ch = AMQPChannel(cast(AMQPConnection, recorder), 3)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(call, ch)
+        await trio.testing.wait_all_tasks_blocked()
+        nursery.cancel_scope.cancel()
+    return recorder.frames
+
+
+# Values that pamqp encodes exactly as we do (pamqp packs small ints and
+# floats differently, but the broker reads both), and keys in sorted order
+# (pamqp sorts them; we keep the caller's order).
+_PLAIN_ARGS: dict[str, Any] = {"big": 2**40, "flag": True, "nested": {"a": "b"}, "x-kind": "k"}
+
+
+def _noop(delivery: Delivery) -> None:
+    pass
+
+
+@pytest.mark.parametrize(
+    ("call", "expected"),
+    [
+        (
+            lambda ch: ch.queue_declare("q1", durable=True, exclusive=True, arguments=_PLAIN_ARGS),
+            commands.Queue.Declare(queue="q1", durable=True, exclusive=True, arguments=_PLAIN_ARGS),
+        ),
+        (
+            lambda ch: ch.queue_declare("q2", passive=True, durable=False, auto_delete=True),
+            commands.Queue.Declare(queue="q2", passive=True, auto_delete=True),
+        ),
+        (
+            lambda ch: ch.consume(
+                "q1", _noop, consumer_tag="t1", exclusive=True, arguments=_PLAIN_ARGS
+            ),
+            commands.Basic.Consume(
+                queue="q1", consumer_tag="t1", exclusive=True, arguments=_PLAIN_ARGS
+            ),
+        ),
+        (
+            lambda ch: ch.queue_bind("q1", "ex", "rk", _PLAIN_ARGS),
+            commands.Queue.Bind(queue="q1", exchange="ex", routing_key="rk", arguments=_PLAIN_ARGS),
+        ),
+        (
+            lambda ch: ch.exchange_declare(
+                "ex", "headers", durable=True, auto_delete=True, arguments=_PLAIN_ARGS
+            ),
+            commands.Exchange.Declare(
+                exchange="ex",
+                exchange_type="headers",
+                durable=True,
+                auto_delete=True,
+                arguments=_PLAIN_ARGS,
+            ),
+        ),
+        (
+            lambda ch: ch.exchange_declare("ex", passive=True, durable=False),
+            commands.Exchange.Declare(exchange="ex", passive=True),
+        ),
+    ],
+    ids=[
+        "queue.declare",
+        "queue.declare-flags",
+        "consume",
+        "queue.bind",
+        "exchange.declare",
+        "exchange.declare-passive",
+    ],
+)
+async def test_argument_methods_are_encoded_as_pamqp_does(
+    call: Callable[[AMQPChannel], Awaitable[object]], expected: PamqpMethod
+) -> None:
+    with trio.fail_after(5):
+        assert await _sent_frames(call) == [pframe.marshal(expected, 3)]
+
+
+async def test_argument_tables_decode_to_what_was_given() -> None:
+    # The values pamqp 3.3 cannot encode: pamqp's decoder reads ours back.
+    arguments = {"x-priority": -1, "small": -128, "ratio": 0.1, "raw": b"\x00\xff"}
+    with trio.fail_after(5):
+        (frame,) = await _sent_frames(
+            lambda ch: ch.consume("q1", _noop, consumer_tag="t1", arguments=arguments)
+        )
+    size, channel_id, method = pframe.unmarshal(frame)
+    assert size == len(frame) and channel_id == 3
+    assert isinstance(method, commands.Basic.Consume)
+    assert (method.queue, method.consumer_tag, method.exclusive) == ("q1", "t1", False)
+    assert method.arguments == arguments
+
+
+async def test_bad_arguments_raise_before_anything_is_sent() -> None:
+    recorder = _Recorder()
+    ch = AMQPChannel(cast(AMQPConnection, recorder), 3)
+    bad: dict[str, Any] = {"fine": 1, "bad-key": object()}
+    with trio.fail_after(5):
+        with pytest.raises(TypeError, match="'bad-key'"):
+            await ch.queue_declare("q", arguments=bad)
+        with pytest.raises(TypeError, match="'bad-key'"):
+            await ch.consume("q", _noop, consumer_tag="t1", arguments=bad)
+        with pytest.raises(TypeError, match="'bad-key'"):
+            await ch.queue_bind("q", "ex", arguments=bad)
+        with pytest.raises(TypeError, match="'bad-key'"):
+            await ch.exchange_declare("ex", arguments=bad)
+        with pytest.raises(ValueError, match="frame_max"):
+            await ch.queue_declare("q", arguments={"huge": "x" * recorder.frame_max})
+    assert recorder.frames == []
+    assert ch.is_open and not ch._consumers and not ch._rpcs
+
+
+async def test_consume_with_a_negative_priority() -> None:
+    queue = qname("prio")
+    with trio.fail_after(10):
+        async with open_channel(queue) as (_, ch):
+            await ch.confirm_select()
+            await ch.publish(b"hello", routing_key=queue)
+            got: list[Delivery] = []
+            done = trio.Event()
+
+            def on_delivery(delivery: Delivery) -> None:
+                got.append(delivery)
+                ch.ack(delivery.delivery_tag)
+                done.set()
+
+            tag = await ch.consume(queue, on_delivery, arguments={"x-priority": -1})
+            await done.wait()
+            await ch.cancel(tag)
+            assert [d.body for d in got] == [b"hello"]
+
+
+async def test_queue_declare_arguments_are_applied_and_checked() -> None:
+    queue = qname("args")
+    arguments = {"x-max-priority": 10, "x-message-ttl": 60000}
+    with trio.fail_after(10):
+        async with open_channel() as (conn, ch):
+            try:
+                await ch.queue_declare(queue, arguments=arguments)
+                # The same arguments again: accepted.
+                info = await ch.queue_declare(queue, arguments=dict(arguments))
+                assert info.name == queue
+                # x-max-priority took effect: the higher priority comes first.
+                await ch.confirm_select()
+                await ch.publish(b"low", routing_key=queue, properties=Properties(priority=1))
+                await ch.publish(b"high", routing_key=queue, properties=Properties(priority=9))
+                first = await ch.get(queue, no_ack=True)
+                assert first is not None and first.body == b"high"
+                # A different value: the broker refuses it and closes the channel.
+                with pytest.raises(ChannelClosed) as info_406:
+                    await ch.queue_declare(
+                        queue, arguments={"x-max-priority": 10, "x-message-ttl": 30000}
+                    )
+                assert info_406.value.reply_code == 406
+                assert "x-message-ttl" in info_406.value.reply_text
+                assert not ch.is_open and conn.is_open
+            finally:
+                with trio.CancelScope(shield=True), trio.move_on_after(5):
+                    cleanup = await conn.channel()
+                    await cleanup.queue_delete(queue)
+
+
+async def test_headers_exchange_binding_arguments_route() -> None:
+    queue, exchange = qname("hdr-q"), qname("hdr-x")
+    # -5 and 0.1 are what pamqp 3.3 could not send (struct.error, 32-bit float):
+    # the broker compares them with the message's headers.
+    binding = {"x-match": "all", "n": -5, "f": 1.5, "r": 0.1}
+    with trio.fail_after(10):
+        async with open_channel(queue) as (conn, ch):
+            try:
+                exchange_args = {"x-note": -2, "x-ratio": 0.25}
+                await ch.exchange_declare(
+                    exchange, "headers", durable=False, arguments=exchange_args
+                )
+                await ch.exchange_declare(
+                    exchange, "headers", durable=False, arguments=exchange_args
+                )
+                await ch.queue_bind(queue, exchange, arguments=binding)
+                await ch.confirm_select()
+                headers: dict[str, Any] = {"n": -5, "f": 1.5, "r": 0.1, "other": "x"}
+                await ch.publish(
+                    b"match",
+                    exchange=exchange,
+                    properties=Properties(headers=headers),
+                    mandatory=True,
+                )
+                with pytest.raises(Unroutable):
+                    await ch.publish(
+                        b"no-match",
+                        exchange=exchange,
+                        properties=Properties(headers={**headers, "n": -4}),
+                        mandatory=True,
+                    )
+                got = await ch.get(queue, no_ack=True)
+                assert got is not None and got.body == b"match"
+                assert await ch.get(queue) is None
+            finally:
+                with trio.CancelScope(shield=True), trio.move_on_after(5):
+                    cleanup = ch if ch.is_open else await conn.channel()
+                    await cleanup.exchange_delete(exchange)
+
+
+async def test_a_bad_argument_raises_type_error_and_the_channel_survives() -> None:
+    queue = qname("bad-arg")
+    bad: dict[str, Any] = {"x-ok": 1, "x-bad": object()}
+    with trio.fail_after(10):
+        async with open_channel(queue) as (_, ch):
+            with pytest.raises(TypeError, match="'x-bad'"):
+                await ch.queue_declare(queue, arguments=bad)
+            with pytest.raises(TypeError, match="'x-bad'"):
+                await ch.consume(queue, _noop, arguments=bad)
+            with pytest.raises(TypeError, match="'x-bad'"):
+                await ch.queue_bind(queue, "amq.headers", arguments=bad)
+            with pytest.raises(TypeError, match="'x-bad'"):
+                await ch.exchange_declare(qname("bad-x"), arguments=bad)
+            assert ch.is_open
+            # The channel still works, consume included.
+            await ch.confirm_select()
+            await ch.publish(b"after", routing_key=queue)
+            got: list[bytes] = []
+            done = trio.Event()
+
+            def on_delivery(delivery: Delivery) -> None:
+                got.append(delivery.body)
+                ch.ack(delivery.delivery_tag)
+                done.set()
+
+            tag = await ch.consume(queue, on_delivery, arguments={"x-priority": 0})
+            await done.wait()
+            await ch.cancel(tag)
+            assert got == [b"after"]
+            info = await ch.queue_declare(queue, passive=True)
+            assert info.message_count == 0
 
 
 async def test_confirms_stay_matched_after_nacks() -> None:
