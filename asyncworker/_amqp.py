@@ -90,7 +90,7 @@ _RECEIVE_SIZE: Final = 65536
 #: An ack is written at once, without waking the writer, when nothing was
 #: written for this long (seconds); below that, acks share the writer's writes.
 _INLINE_SEND_GAP: Final = 0.0005
-#: Successful reads in a row before the reader yields to the other tasks.
+#: Full reads in a row (each filled the buffer) before the reader yields to the other tasks.
 _READS_BEFORE_YIELD: Final = 4
 #: ``publish`` waits for the writer once this many bytes are queued, so that a
 #: fast publisher cannot grow the outgoing buffer without bound.
@@ -1299,6 +1299,11 @@ class AMQPConnection:
             # Data keeps coming: let the workers and the writer run.
             self._reads_in_a_row = 0
             await trio.lowlevel.checkpoint()
+        elif not self._reads_in_a_row:
+            # The last read emptied the socket (it returned less than asked
+            # for): wait before reading, rather than pay for a read that
+            # fails with EAGAIN, its exception, and then the wait anyway.
+            await trio.lowlevel.wait_readable(fd)
         while True:
             try:
                 chunk = os.read(fd, size)
@@ -1306,7 +1311,7 @@ class AMQPConnection:
                 self._reads_in_a_row = 0
                 await trio.lowlevel.wait_readable(fd)
                 continue
-            self._reads_in_a_row += 1
+            self._reads_in_a_row = self._reads_in_a_row + 1 if len(chunk) == size else 0
             return chunk
 
     async def _writer(self) -> None:
