@@ -90,7 +90,10 @@ class Consumer:
         self._prefetch = app.prefetch_count
         self._limiter = trio.CapacityLimiter(self._prefetch)
         self._pending: collections.deque[Message] = collections.deque()
-        self._lot = trio.lowlevel.ParkingLot()
+        # Idle workers, the most recently parked last: a delivery wakes the
+        # one that ran last (its code and data are still in the CPU's caches)
+        # and the reaper retires those that stayed idle longest.
+        self._parked: list[trio.lowlevel.Task] = []
         self._workers = 0
         self._in_flight = 0
         self._received = 0
@@ -117,18 +120,18 @@ class Consumer:
         app = self.app
         tally = self._tally
         pending = self._pending
-        lot = self._lot
+        parked = self._parked
+        reschedule = trio.lowlevel.reschedule
 
         def on_delivery(delivery: Delivery) -> None:
             pending.append(
                 Message(delivery, queue=queue, vhost=vhost, channel=channel, app=app, tally=tally)
             )
             self._received += 1
-            if lot:
-                lot.unpark()
-                parked = len(lot)
-                if parked < self._min_parked:
-                    self._min_parked = parked
+            if parked:
+                reschedule(parked.pop())
+                if len(parked) < self._min_parked:
+                    self._min_parked = len(parked)
             elif self._workers < self._prefetch:
                 self._start_worker()
 
@@ -149,7 +152,13 @@ class Consumer:
         self._limiter.acquire_on_behalf_of_nowait(token)
         pending = self._pending
         chain = self._chain
-        lot = self._lot
+        parked = self._parked
+        task = trio.lowlevel.current_task()
+
+        def abort(_: trio.lowlevel.RaiseCancelT) -> trio.lowlevel.Abort:
+            parked.remove(task)
+            return trio.lowlevel.Abort.SUCCEEDED
+
         try:
             while True:
                 while pending:
@@ -176,21 +185,29 @@ class Consumer:
                     return
                 # No deadline here: a cancel scope per wait would cost more
                 # than the rest of the hand-off; the reaper retires idle workers.
-                await lot.park()
+                parked.append(task)
+                await trio.lowlevel.wait_task_rescheduled(abort)
         finally:
             self._workers -= 1
             self._limiter.release_on_behalf_of(token)
+
+    def _wake_parked(self, count: int) -> None:
+        """Wake the ``count`` workers that have been parked the longest."""
+        woken = self._parked[:count]
+        del self._parked[:count]
+        for task in woken:
+            trio.lowlevel.reschedule(task)
 
     async def _reaper(self) -> None:
         """Retire the workers that stayed parked for a whole ``_IDLE_SECONDS``."""
         try:
             while self._workers:
-                self._min_parked = len(self._lot)
+                self._min_parked = len(self._parked)
                 await trio.sleep(_IDLE_SECONDS)
-                idle = min(self._min_parked, len(self._lot))
+                idle = min(self._min_parked, len(self._parked))
                 if idle:
                     self._retire += idle
-                    self._lot.unpark(count=idle)
+                    self._wake_parked(idle)
         finally:
             self._reaping = False
 
@@ -353,7 +370,7 @@ class Consumer:
             # Deliveries that arrived but never started go back to the queue.
             while self._pending:
                 self._pending.popleft()._settle_requeue()
-            self._lot.unpark_all()
+            self._wake_parked(len(self._parked))
         await self.wait_idle()
         with trio.CancelScope(shield=True), trio.move_on_after(5):
             try:
