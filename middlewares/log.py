@@ -126,9 +126,10 @@ class Logging:
     def _emit(
         self, message: Message, outcome: str, start: float, exc: BaseException | None
     ) -> None:
-        duration_ms = round((time.perf_counter() - start) * 1000, 3)
-        if not self.logger.isEnabledFor(max(self.level, logging.WARNING if exc else 0)):
+        level = self.level if exc is None else max(self.level, logging.WARNING)
+        if not self.logger.isEnabledFor(level):
             return
+        duration_ms = round((time.perf_counter() - start) * 1000, 3)
         if isinstance(message, list):
             self._emit_batch(message, outcome, duration_ms, exc)
             return
@@ -149,9 +150,7 @@ class Logging:
             outcome,
             duration_ms,
         ]
-        level = self.level
         if exc is not None:
-            level = max(level, logging.WARNING)
             extra["error"] = _describe(exc)
             text += ": %s"
             args.append(extra["error"])
