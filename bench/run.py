@@ -276,7 +276,13 @@ def jobs_for(mode: str, systems: list[System], args: argparse.Namespace) -> list
     if mode == "memory":
         return [Job(f"asyncworker@{k}", aw, k) for k in (20_000, 200_000)]
     if mode == "middlewares":
-        return [Job("asyncworker", aw, n), Job("asyncworker+mw", aw, n, variant="middlewares")]
+        return [
+            Job("asyncworker", aw, n),
+            Job("asyncworker+timing", aw, n, variant="timing"),
+            Job("asyncworker+mw", aw, n, variant="middlewares"),
+            Job("asyncworker+mw-queue", aw, n, variant="mw-queue"),
+            Job("asyncworker+mw-debug", aw, n, variant="mw-debug"),
+        ]
     raise ValueError(mode)
 
 

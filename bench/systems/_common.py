@@ -113,6 +113,15 @@ class Meter:
                 return True
             return False
 
+    def extend(self) -> None:
+        """Move the end of the measured window to now.
+
+        For work a runner deferred past its last handler (log records still
+        queued for a writer thread): it must be paid for inside the window.
+        """
+        self._t1 = time.perf_counter()
+        self._c1 = _cpu()
+
     def report(self) -> None:
         assert self._t0 is not None, "no message was handled"
         out: dict[str, Any] = {

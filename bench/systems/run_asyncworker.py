@@ -1,14 +1,24 @@
 """Runner for this project's ``asyncworker`` (trio), from the project venv ``/work/main/.venv``.
 
 ``--variant default`` uses the App's default chain (settlement only: ack on return).
-``--variant middlewares`` adds ``Logging`` (INFO, to a temporary file) and ``Timing``
-(with a no-op callback), for the ``middlewares`` mode.
+The other variants, for the ``middlewares`` mode, add standard middlewares:
+
+* ``timing``: ``Timing`` (with a no-op async callback) alone;
+* ``middlewares``: ``Logging`` (one line per message at INFO, through a
+  ``logging.FileHandler`` to a temporary file) and ``Timing``;
+* ``mw-queue``: the same, but the logger's handler is a ``QueueHandler`` whose
+  ``QueueListener`` thread writes to the file (the stdlib's recipe for keeping
+  file writes off the event loop);
+* ``mw-debug``: ``Logging(level=DEBUG)`` with the logger at INFO, so that only
+  failures would be written (none here), and ``Timing``.
 """
 
 from __future__ import annotations
 
 import logging
+import logging.handlers
 import os
+import queue
 import tempfile
 from typing import Any
 
@@ -21,26 +31,38 @@ args = parse_args("asyncworker")
 meter = Meter(args)
 
 
+listener: logging.handlers.QueueListener | None = None
+
+
 def build_middlewares(variant: str) -> tuple[list[Any], str | None]:
+    global listener
     if variant == "default":
         return [], None
-    if variant != "middlewares":
+    if variant not in ("timing", "middlewares", "mw-queue", "mw-debug"):
         raise SystemExit(f"unknown variant {variant!r}")
     from asyncworker.middlewares import Logging, Timing
-
-    fd, path = tempfile.mkstemp(prefix="asyncworker-bench-", suffix=".log")
-    os.close(fd)
-    handler = logging.FileHandler(path)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
-    log = logging.getLogger("asyncworker.bench")
-    log.addHandler(handler)
-    log.setLevel(logging.INFO)
-    log.propagate = False
 
     async def on_timing(name: str, time_delta: float, *_: Any, **__: Any) -> None:
         return None
 
-    return [Logging(logger=log, level=logging.INFO), Timing(on_timing)], path
+    if variant == "timing":
+        return [Timing(on_timing)], None
+
+    fd, path = tempfile.mkstemp(prefix="asyncworker-bench-", suffix=".log")
+    os.close(fd)
+    handler: logging.Handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
+    if variant == "mw-queue":
+        records: queue.SimpleQueue[logging.LogRecord] = queue.SimpleQueue()
+        listener = logging.handlers.QueueListener(records, handler)
+        listener.start()
+        handler = logging.handlers.QueueHandler(records)
+    log = logging.getLogger("asyncworker.bench")
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    log.propagate = False
+    level = logging.DEBUG if variant == "mw-debug" else logging.INFO
+    return [Logging(logger=log, level=level), Timing(on_timing)], path
 
 
 async def main() -> None:
@@ -68,6 +90,10 @@ async def main() -> None:
     async with trio.open_nursery() as nursery:
         await nursery.start(app.serve)
         await done.wait()
+        if listener is not None:
+            # The window must include writing the records still queued.
+            listener.stop()
+            meter.extend()
         await app.shutdown()
     if log_path:
         meter.extra["log_path"] = log_path
