@@ -98,6 +98,7 @@ async def main() -> None:
 
     pending_acks: list[int] = []
     wake = trio.Event()
+    all_handled = False
 
     async def writer() -> None:
         nonlocal wake
@@ -108,15 +109,18 @@ async def main() -> None:
                 tags = pending_acks.copy()
                 pending_acks.clear()
                 await stream.send_all(b"".join(marshal(commands.Basic.Ack(t), 1) for t in tags))
+            if all_handled and not pending_acks:
+                done.set()  # only once the last acks are written
 
     async def slow_handler(body: bytes, tag: int) -> None:
+        nonlocal all_handled
         meter.enter(body if want_latency else None)
         await trio.sleep(delay)
         finished = meter.leave()
         pending_acks.append(tag)
         wake.set()
         if finished:
-            done.set()
+            all_handled = True
 
     async def consume(nursery: trio.Nursery) -> None:
         tag = 0
@@ -130,6 +134,7 @@ async def main() -> None:
                 await reader.fill()
                 frames = reader.frames()
             acks: list[bytes] = []
+            finished = False
             for value in frames:
                 if isinstance(value, commands.Basic.Deliver):
                     tag = value.delivery_tag
@@ -152,11 +157,12 @@ async def main() -> None:
                     nursery.start_soon(slow_handler, body, tag)
                 else:
                     meter.enter(body if want_latency else None)
-                    if meter.leave():
-                        done.set()
+                    finished = meter.leave() or finished
                     acks.append(marshal(commands.Basic.Ack(tag), 1))
             if acks:
                 await stream.send_all(b"".join(acks))
+            if finished:
+                done.set()  # only once the last acks are written
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(writer)
