@@ -181,7 +181,9 @@ class Job:
     paced_seconds: float = 0.0
 
 
-def run_job(broker: Broker, job: Job, mode: str, conn_args: list[str]) -> dict[str, Any]:
+def run_job(
+    broker: Broker, job: Job, mode: str, conn_args: list[str], settle: float = 0.0
+) -> dict[str, Any]:
     slug = job.label.replace("+", "-").replace("@", "-")
     queue = f"bench_{slug}_{mode}"
     fill_args, to_delete = queue_setup(job.system, queue)
@@ -212,6 +214,10 @@ def run_job(broker: Broker, job: Job, mode: str, conn_args: list[str]) -> dict[s
             )
             if filled.get("ready") != job.messages:
                 raise RuntimeError(f"pre-fill left {filled} in {queue}")
+            # Let the broker finish the work the fill (and the previous run's
+            # teardown) left it: without a pause, a run sometimes starts while
+            # RabbitMQ is still busy and measures the broker, not the system.
+            time.sleep(settle)
         proc = subprocess.Popen(
             cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=BENCH / "systems"
         )
@@ -415,6 +421,12 @@ def main() -> int:
     )
     p.add_argument("--rate", type=float, default=1000.0, help="paced mode: msg/s")
     p.add_argument("--paced-seconds", type=float, default=10.0)
+    p.add_argument(
+        "--settle",
+        type=float,
+        default=2.0,
+        help="seconds to wait after pre-filling a queue, before starting the system",
+    )
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=5672)
     p.add_argument("--user", default="guest")
@@ -484,7 +496,7 @@ def main() -> int:
             for job in jobs:
                 t0 = time.monotonic()
                 try:
-                    r = run_job(broker, job, mode, conn_args)
+                    r = run_job(broker, job, mode, conn_args, args.settle)
                     rate = r["messages"] / r["seconds"] if r["seconds"] else 0
                     log(
                         f"[{mode} {rnd}/{args.rounds}] {job.label:<22} {rate:>9,.0f} msg/s  "
