@@ -24,6 +24,7 @@ from ._chain import _IN_WORKER, CallNext, Handler, Middleware, build_chain
 from ._consumer import Consumer, ConsumerStatistics, sleep_unless, wait_first
 from ._exceptions import (
     AsyncWorkerError,
+    AuthenticationError,
     ChannelClosed,
     ConnectError,
     ConnectionClosed,
@@ -274,6 +275,10 @@ class App(LifecycleMixin):
         self._connections: dict[str, Connection] = {}
         self._connected: dict[str, trio.Event] = {}
         self._reconnects: dict[str, int] = {}
+        # Publishing has connections of its own (one per vhost, opened on the
+        # first publish): a broker short of memory or disk blocks every
+        # connection that publishes, and the consumers' acks must still flow.
+        self._publisher_connections: dict[str, Connection] = {}
         self._publishers: dict[str, Channel] = {}
         self._publisher_locks: dict[str, trio.Lock] = {}
         self._nursery: trio.Nursery | None = None
@@ -487,6 +492,7 @@ class App(LifecycleMixin):
             self._started = False
             self._connections.clear()
             self._publishers.clear()
+            self._publisher_connections.clear()
             self._stop_event = trio.Event()
             self._stopped.set()
 
@@ -571,7 +577,6 @@ class App(LifecycleMixin):
                         await self._close_publisher(vhost)
                 except (ConnectionClosed, ChannelClosed, ConnectError) as exc:
                     connected = self._reset_connected(vhost)
-                    self._publishers.pop(vhost, None)
                     if first:
                         raise _startup_error(exc, params) from None
                     if self._stop_event.is_set():
@@ -601,6 +606,7 @@ class App(LifecycleMixin):
             # the grace timer bounds this wait.  Then retire the idle workers.
             for consumer in consumers:
                 await consumer.wait_idle()
+            await self._close_publisher(vhost)
             workers.cancel_scope.cancel()
         self._worker_scopes.discard(workers.cancel_scope)
 
@@ -744,9 +750,11 @@ class App(LifecycleMixin):
             await connected.wait()
             try:
                 channel = await self._publisher_channel(vhost)
-            except (ConnectionClosed, ChannelClosed) as exc:
-                if isinstance(exc, QueueNotFound):
+            except (ConnectionClosed, ChannelClosed, ConnectError) as exc:
+                if isinstance(exc, QueueNotFound | AuthenticationError):
                     raise
+                # Retried until the caller's timeout (the broker may be
+                # restarting: the consumers' supervisor reconnects meanwhile).
                 await trio.sleep(0.05)
         if channel is None:
             # Not one of the vhosts we consume from (or not serving, or that
@@ -784,19 +792,52 @@ class App(LifecycleMixin):
             channel = self._publishers.get(vhost)
             if channel is not None and channel.is_open:
                 return channel
-            connection = self._connections.get(vhost)
+            connection = self._publisher_connections.get(vhost)
             if connection is None or not connection.is_open:
-                raise ConnectionClosed("not connected")
+                if self._nursery is None:
+                    raise ConnectionClosed("not serving")
+                connection = await self._nursery.start(self._hold_publisher_connection, vhost)
             channel = await connection.channel()
             await channel.confirm_select()
             self._publishers[vhost] = channel
             return channel
 
+    async def _hold_publisher_connection(
+        self, vhost: str, *, task_status: trio.TaskStatus[Connection]
+    ) -> None:
+        """Open the publishing connection to ``vhost`` and hold it until it closes.
+
+        ``_close_publisher`` closes it; a lost one is replaced by the next
+        publish.  An error while opening it goes to that publish.
+        """
+        params = replace(
+            self._params, vhost=vhost, client_name=f"{self._params.client_name} (publisher)"
+        )
+        started = False
+        try:
+            async with connect(params) as connection:
+                self._publisher_connections[vhost] = connection
+                task_status.started(connection)
+                started = True
+                try:
+                    await connection.wait_closed()
+                finally:
+                    if self._publisher_connections.get(vhost) is connection:
+                        del self._publisher_connections[vhost]
+        except AsyncWorkerError as exc:
+            if not started:
+                raise
+            logger.debug("publishing connection to vhost %r closed: %s", vhost, exc)
+
     async def _close_publisher(self, vhost: str) -> None:
+        """Close the publishing channel and connection of ``vhost`` (once serving ends)."""
         channel = self._publishers.pop(vhost, None)
-        if channel is not None and channel.is_open:
-            with trio.CancelScope(shield=True), trio.move_on_after(5), suppress(AsyncWorkerError):
+        connection = self._publisher_connections.pop(vhost, None)
+        with trio.CancelScope(shield=True), trio.move_on_after(5), suppress(AsyncWorkerError):
+            if channel is not None and channel.is_open:
                 await channel.close()
+            if connection is not None:
+                await connection.aclose()
 
     # -- testing ------------------------------------------------------------------
 

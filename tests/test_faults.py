@@ -65,12 +65,14 @@ async def ctl(*args: str) -> str:
 
 
 async def close_app_connection(name: str) -> None:
-    """Close the broker-side connection whose ``connection_name`` is ``name``."""
+    """Close the App's connections: the consumers' one (``connection_name`` is
+    ``name``) and, if the App has published, its publishing one."""
     listing = await ctl("list_connections", "-q", "--no-table-headers", "pid", "client_properties")
     pids = [
         line.split("\t", 1)[0]
         for line in listing.splitlines()
         if f'{{"connection_name","{name}"}}' in line
+        or f'{{"connection_name","{name} (publisher)"}}' in line
     ]
     assert pids, f"no connection named {name!r} in:\n{listing}"
     for pid in pids:

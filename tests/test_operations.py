@@ -35,7 +35,7 @@ async def health_is(url: str, expected: int) -> bool:
 
 def connection_pid(name: str) -> str | None:
     for line in rabbitmqctl("list_connections", "pid", "client_properties", "-q").splitlines():
-        if name in line:
+        if f'{{"connection_name","{name}"}}' in line:  # not "<name> (publisher)"
             return line.split("\t")[0]
     return None
 

@@ -1,0 +1,108 @@
+"""A broker short of memory blocks publishing; the consumers must keep acking.
+
+RabbitMQ stops reading from every connection that publishes while a memory or
+disk alarm is on.  Had the App published on its consumers' connection, one
+handler publishing during an alarm would have frozen every route of that vhost
+(their acks unread) until the alarm cleared.  The App publishes on a connection
+of its own, so only the publishing handler waits.
+
+The alarm is real: ``rabbitmqctl set_vm_memory_high_watermark`` with a tiny
+value, restored afterwards.  While it is on, every publisher of the broker is
+blocked, so nothing else may publish meanwhile.
+"""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import trio
+
+from asyncworker import App, Message
+
+from .conftest import BROKER_URL, Broker, rabbitmqctl, unique, wait_for
+
+pytestmark = pytest.mark.rabbitmq
+
+
+async def ctl(*args: str) -> str:
+    return await trio.to_thread.run_sync(rabbitmqctl, *args)
+
+
+async def connection_states(name: str) -> dict[str, str]:
+    """``{connection_name: state}`` of the broker's connections whose name starts with ``name``."""
+    listing = await ctl(
+        "list_connections", "-q", "--no-table-headers", "state", "client_properties"
+    )
+    states = {}
+    for line in listing.splitlines():
+        state, _, properties = line.partition("\t")
+        found = re.search(r'\{"connection_name","([^"]*)"\}', properties)
+        if found and found.group(1).startswith(name):
+            states[found.group(1)] = state.strip()
+    return states
+
+
+async def test_consumers_keep_acking_while_the_broker_blocks_publishing(broker: Broker) -> None:
+    watermark = rabbitmqctl("eval", "application:get_env(rabbit, vm_memory_high_watermark).")
+    found = re.fullmatch(r"\{ok,([0-9.]+)\}", watermark.strip())
+    if found is None:
+        pytest.skip(f"the broker's memory watermark is not a plain fraction: {watermark!r}")
+    original = found.group(1)
+
+    steady = await broker.declare("steady")
+    trigger = await broker.declare("trigger")
+    sink = await broker.declare("sink")
+    total = 600
+    await broker.publish_many(steady, [b"%d" % i for i in range(total)])
+    await broker.publish(trigger, b"go")
+
+    name = unique("alarm-app")
+    # prefetch 1: each steady message is delivered only once the broker has
+    # read the previous one's ack.
+    app = App(url=BROKER_URL, name=name, prefetch_count=1)
+    handled = 0
+    alarm_on = trio.Event()
+    published = trio.Event()
+
+    @app.route([steady])
+    async def count(message: Message) -> None:
+        nonlocal handled
+        handled += 1
+        await trio.sleep(0.02)
+
+    @app.route([trigger])
+    async def forward(message: Message) -> None:
+        await alarm_on.wait()
+        await app.publish(b"forwarded", routing_key=sink, timeout=120)
+        published.set()
+
+    async def publisher_blocked() -> bool:
+        return (await connection_states(name)).get(f"{name} (publisher)") == "blocked"
+
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(app.serve)
+            await wait_for(lambda: handled >= 5)
+            await ctl("set_vm_memory_high_watermark", "0.0000001")
+            alarm_on.set()
+            # The forwarding handler published: the broker stopped reading
+            # its connection.
+            await wait_for(publisher_blocked, timeout=60, interval=0.2)
+            assert (await connection_states(name))[name] != "blocked"
+            before = handled
+            assert before < total - 20, "the steady queue drained before the alarm took hold"
+            await wait_for(lambda: handled >= before + 20, timeout=60)
+            # Consuming went on, and the publish was held back all along.
+            assert not published.is_set()
+            await ctl("set_vm_memory_high_watermark", original)
+            await wait_for(published.is_set, timeout=60)
+            await wait_for(lambda: handled >= total, timeout=120)
+            await app.shutdown()
+    finally:
+        with trio.CancelScope(shield=True):
+            await ctl("set_vm_memory_high_watermark", original)
+
+    assert handled == total
+    assert await broker.settled_count(steady, 0) == 0
+    assert await broker.drain(sink) == [b"forwarded"]
