@@ -139,7 +139,8 @@ class App(LifecycleMixin):
     Connection: either ``host``/``port``/``user``/``password`` or ``url``
     (``amqp://user:pass@host:port/vhost``, ``amqps://...`` or ``memory://``);
     the vhost of each route overrides the URL's.  One connection is opened per
-    vhost, and each queue gets its own channel with
+    vhost (and one more for publishing, on the first ``publish``), and each
+    queue gets its own channel with
     ``basic.qos(prefetch_count)``: at most ``prefetch_count`` handlers of one
     queue run at once.
 
