@@ -64,6 +64,25 @@ async def open_channel(
                     await cleanup.queue_delete(queue)
 
 
+async def consume_acked(
+    ch: AMQPChannel, queue: str, count: int = 1, **kwargs: Any
+) -> list[Delivery]:
+    """Consume ``count`` deliveries from ``queue``, acking each; cancel; return them."""
+    got: list[Delivery] = []
+    done = trio.Event()
+
+    def on_delivery(delivery: Delivery) -> None:
+        got.append(delivery)
+        ch.ack(delivery.delivery_tag)
+        if len(got) == count:
+            done.set()
+
+    tag = await ch.consume(queue, on_delivery, **kwargs)
+    await done.wait()
+    await ch.cancel(tag)
+    return got
+
+
 async def test_connect_and_negotiate() -> None:
     with trio.fail_after(10):
         async with connect(PARAMS) as conn:
@@ -290,17 +309,7 @@ async def test_large_body_round_trip() -> None:
         async with open_channel(queue) as (_, ch):
             await ch.confirm_select()
             await ch.publish(body, routing_key=queue)
-            got: list[Delivery] = []
-            done = trio.Event()
-
-            def on_delivery(delivery: Delivery) -> None:
-                got.append(delivery)
-                ch.ack(delivery.delivery_tag)
-                done.set()
-
-            tag = await ch.consume(queue, on_delivery)
-            await done.wait()
-            await ch.cancel(tag)
+            got = await consume_acked(ch, queue)
             assert len(got[0].body) == len(body)
             assert got[0].body == body
             # The same through basic.get.
@@ -620,17 +629,7 @@ async def test_consume_with_a_negative_priority() -> None:
         async with open_channel(queue) as (_, ch):
             await ch.confirm_select()
             await ch.publish(b"hello", routing_key=queue)
-            got: list[Delivery] = []
-            done = trio.Event()
-
-            def on_delivery(delivery: Delivery) -> None:
-                got.append(delivery)
-                ch.ack(delivery.delivery_tag)
-                done.set()
-
-            tag = await ch.consume(queue, on_delivery, arguments={"x-priority": -1})
-            await done.wait()
-            await ch.cancel(tag)
+            got = await consume_acked(ch, queue, arguments={"x-priority": -1})
             assert [d.body for d in got] == [b"hello"]
 
 
@@ -721,18 +720,8 @@ async def test_a_bad_argument_raises_type_error_and_the_channel_survives() -> No
             # The channel still works, consume included.
             await ch.confirm_select()
             await ch.publish(b"after", routing_key=queue)
-            got: list[bytes] = []
-            done = trio.Event()
-
-            def on_delivery(delivery: Delivery) -> None:
-                got.append(delivery.body)
-                ch.ack(delivery.delivery_tag)
-                done.set()
-
-            tag = await ch.consume(queue, on_delivery, arguments={"x-priority": 0})
-            await done.wait()
-            await ch.cancel(tag)
-            assert got == [b"after"]
+            got = await consume_acked(ch, queue, arguments={"x-priority": 0})
+            assert [d.body for d in got] == [b"after"]
             info = await ch.queue_declare(queue, passive=True)
             assert info.message_count == 0
 
