@@ -280,6 +280,7 @@ class App(LifecycleMixin):
         # first publish): a broker short of memory or disk blocks every
         # connection that publishes, and the consumers' acks must still flow.
         self._publisher_connections: dict[str, Connection] = {}
+        self._consumed_vhosts: frozenset[str] = frozenset()
         self._publishers: dict[str, Channel] = {}
         self._publisher_locks: dict[str, trio.Lock] = {}
         self._nursery: trio.Nursery | None = None
@@ -458,6 +459,7 @@ class App(LifecycleMixin):
                 chain = self._build_chain(route)
                 route.consumers = [Consumer(self, route, queue, chain) for queue in route.queues]
                 by_vhost.setdefault(route.vhost, []).extend(route.consumers)
+            self._consumed_vhosts = frozenset(by_vhost)
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
                 nursery.start_soon(self._grace_timer)
@@ -476,7 +478,13 @@ class App(LifecycleMixin):
                     )
                     task_status.started()
                     supervisors.start_soon(self._lifecycle.run_periodic)
-                # Every vhost has drained: stop the grace timer and user tasks.
+                # Every vhost has drained: close the publishing connections
+                # left (to vhosts the App only publishes to); a publish from
+                # now on (a shutdown hook) opens a short-lived connection.
+                self._nursery = None
+                for vhost in list(self._publisher_connections):
+                    await self._close_publisher(vhost)
+                # Stop the grace timer and user tasks.
                 nursery.cancel_scope.cancel()
         except BaseExceptionGroup as group:
             # A startup failure surfaces as itself, not wrapped in the groups
@@ -494,6 +502,7 @@ class App(LifecycleMixin):
             self._connections.clear()
             self._publishers.clear()
             self._publisher_connections.clear()
+            self._consumed_vhosts = frozenset()
             self._stop_event = trio.Event()
             self._stopped.set()
 
@@ -757,9 +766,14 @@ class App(LifecycleMixin):
                 # Retried until the caller's timeout (the broker may be
                 # restarting: the consumers' supervisor reconnects meanwhile).
                 await trio.sleep(0.05)
+        if channel is None and self._nursery is not None and vhost not in self._consumed_vhosts:
+            # Serving, to a vhost the App only publishes to: a publishing
+            # connection is kept for it too (a connection per message would
+            # cost a TCP and an AMQP handshake each time).
+            channel = await self._publisher_channel(vhost)
         if channel is None:
-            # Not one of the vhosts we consume from (or not serving, or that
-            # vhost's consumers have stopped): a short-lived connection of its own.
+            # Not serving, or that vhost's consumers have stopped: a
+            # short-lived connection of its own.
             async with connect(replace(self._params, vhost=vhost)) as connection:
                 channel = await connection.channel()
                 await channel.confirm_select()
@@ -777,7 +791,11 @@ class App(LifecycleMixin):
         self, vhost: str, exchange: str, exc: ConnectionClosed | ChannelClosed
     ) -> bool:
         """Whether a publish that failed with ``exc`` goes again on a new channel."""
-        if not self._serving or vhost not in self._connected:
+        if not self._serving:
+            return False
+        if vhost not in self._connected and (
+            vhost in self._consumed_vhosts or self._nursery is None
+        ):
             return False
         if isinstance(exc, ConnectionClosed) or not exc.reply_code:
             return True  # lost with its connection, or closed locally
@@ -789,7 +807,7 @@ class App(LifecycleMixin):
         channel = self._publishers.get(vhost)
         if channel is not None and channel.is_open:
             return channel
-        async with self._publisher_locks[vhost]:
+        async with self._publisher_locks.setdefault(vhost, trio.Lock()):
             channel = self._publishers.get(vhost)
             if channel is not None and channel.is_open:
                 return channel

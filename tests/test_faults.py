@@ -430,6 +430,48 @@ async def test_publish_in_flight_across_a_connection_kill_is_retried(broker: Bro
     assert len(confirmed) == len(set(confirmed))
 
 
+async def app_connections(name: str) -> list[tuple[str, str]]:
+    """``(vhost, connection_name)`` of the broker's connections named after the App ``name``."""
+    listing = await ctl(
+        "list_connections", "-q", "--no-table-headers", "vhost", "client_properties"
+    )
+    found = []
+    for line in listing.splitlines():
+        vhost, _, properties = line.partition("\t")
+        named = re.search(r'\{"connection_name","([^"]*)"\}', properties)
+        if named and named.group(1).startswith(name):
+            found.append((vhost.strip(), named.group(1)))
+    return sorted(found)
+
+
+async def test_publishing_to_another_vhost_keeps_one_connection(broker: Broker, vhost: str) -> None:
+    # A handler forwarding to a vhost the App does not consume from: one
+    # publishing connection is held for it, not one connection per message.
+    source = await broker.declare("forward-src")
+    name = unique("forwarder")
+    app = App(url=BROKER_URL, name=name)
+    async with open_broker(BROKER_URL + vhost) as other:
+        target = await other.declare("forward-dst")
+        forwarded: list[bytes] = []
+
+        @app.route([source])
+        async def forward(message: Message) -> None:
+            await app.publish(message.body, routing_key=target, vhost=vhost)
+            forwarded.append(message.body)
+
+        with trio.fail_after(30):
+            async with serving(app):
+                await broker.publish_many(source, [b"%d" % i for i in range(20)])
+                await wait_for(lambda: len(forwarded) == 20)
+                assert await app_connections(name) == [("/", name), (vhost, f"{name} (publisher)")]
+                await app.shutdown()
+        assert await other.settled_count(target, 20) == 20
+    # Nothing is left open once serve() has returned.
+    with trio.fail_after(10):
+        while await app_connections(name):
+            await trio.sleep(0.1)
+
+
 # -- 5. bad input ---------------------------------------------------------------------
 
 
