@@ -717,11 +717,13 @@ class App(LifecycleMixin):
                             )
                             break
                         except (ConnectionClosed, ChannelClosed) as exc:
-                            if not self._retry_publish(target_vhost, exchange, exc):
+                            if not self._retry_publish(exchange, exc):
                                 raise
                     # The connection (or the channel) went down before the
                     # confirm: publish again on the next one.  The first copy
-                    # may have reached the queue: at-least-once.
+                    # may have reached the queue: at-least-once.  (A short
+                    # pause: a broker dropping every connection is not hammered.)
+                    await trio.sleep(0.02)
         except trio.TooSlowError:
             self._lifecycle.count_publish(target_vhost, False)
             raise PublishTimeout(
@@ -787,18 +789,16 @@ class App(LifecycleMixin):
                 del self._publishers[vhost]
             raise
 
-    def _retry_publish(
-        self, vhost: str, exchange: str, exc: ConnectionClosed | ChannelClosed
-    ) -> bool:
+    def _retry_publish(self, exchange: str, exc: ConnectionClosed | ChannelClosed) -> bool:
         """Whether a publish that failed with ``exc`` goes again on a new channel."""
         if not self._serving:
             return False
-        if vhost not in self._connected and (
-            vhost in self._consumed_vhosts or self._nursery is None
-        ):
-            return False
         if isinstance(exc, ConnectionClosed) or not exc.reply_code:
-            return True  # lost with its connection, or closed locally
+            # Lost with its connection, or closed locally (a vhost that
+            # finished draining closes its publishing connection): the next
+            # attempt waits for the reconnection, or takes a short-lived
+            # connection once that vhost has stopped.
+            return True
         # A 404 naming another exchange: a concurrent publish on the shared
         # channel used a missing exchange, which closed the channel under this one.
         return isinstance(exc, QueueNotFound) and f"'{exchange}'" not in exc.reply_text
