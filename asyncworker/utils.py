@@ -15,7 +15,8 @@ import contextvars
 import functools
 import inspect
 import time
-from collections.abc import Awaitable, Callable, Coroutine
+import types
+from collections.abc import Awaitable, Callable, Coroutine, Generator
 from types import TracebackType
 from typing import Any, ParamSpec, TypeAlias, TypeVar
 
@@ -182,17 +183,55 @@ class Timeit:
         )
         if not inspect.isawaitable(result):
             return  # a sync callback has run: nothing can interrupt it
-        shield = exc_val is not None and _is_cancellation(exc_val)
-        if not shield:
-            # Also shield when the enclosing scope is already cancelled even
-            # though the block itself finished: the first checkpoint of the
-            # callback would otherwise raise before it could report.
-            shield = anyio.current_effective_deadline() == float("-inf")
-        if shield:
+        if exc_val is not None and _is_cancellation(exc_val):
             with anyio.CancelScope(shield=True):
                 await result
+            return
+        if inspect.iscoroutine(result):
+            # Run its first step here.  A cancellation is only ever delivered
+            # to a task that resumes from the event loop, so a callback that
+            # finishes without waiting (the usual case: it records a metric)
+            # needs no shield, and only one that waits pays for the check
+            # below, which walks every enclosing cancel scope.
+            try:
+                pending = result.send(None)
+            except StopIteration:
+                return
+            rest: Awaitable[Any] = _resume(result, pending)
         else:
-            await result
+            rest = result
+        if anyio.current_effective_deadline() == float("-inf"):
+            # The block finished but its scope is already cancelled: the
+            # callback's next checkpoint would raise before it could report.
+            with anyio.CancelScope(shield=True):
+                await rest
+        else:
+            await rest
+
+
+@types.coroutine
+def _resume(coro: Coroutine[Any, Any, Any], pending: Any) -> Generator[Any, Any, Any]:
+    """Go on running ``coro``, which has yielded ``pending`` to the event loop.
+
+    What the loop sends or throws back goes to ``coro``, and what ``coro``
+    yields goes to the loop, as ``await coro`` would have done from the start.
+    """
+    while True:
+        try:
+            sent = yield pending
+        except GeneratorExit:
+            coro.close()
+            raise
+        except BaseException as exc:
+            try:
+                pending = coro.throw(exc)
+            except StopIteration as stop:
+                return stop.value
+        else:
+            try:
+                pending = coro.send(sent)
+            except StopIteration as stop:
+                return stop.value
 
 
 def _is_cancellation(exc: BaseException) -> bool:

@@ -274,6 +274,60 @@ async def test_callback_runs_shielded_when_the_block_is_cancelled() -> None:
     assert seen == [(5.0, anyio.get_cancelled_exc_class())]
 
 
+async def test_callback_runs_shielded_when_the_scope_was_cancelled_without_a_checkpoint() -> None:
+    # The block returns normally, but its scope is already cancelled: the
+    # callback's checkpoints would raise at once without a shield.
+    clock, seen = FakeClock(), []
+
+    async def slow_callback(name: str, time_delta: float, **kwargs: Any) -> None:
+        await anyio.lowlevel.checkpoint()
+        await anyio.lowlevel.checkpoint()
+        seen.append((time_delta, kwargs["exc_type"]))
+
+    with anyio.CancelScope() as scope:
+        async with Timeit(name="n", callback=slow_callback, clock=clock):
+            clock.advance(2.0)
+            scope.cancel()
+    assert seen == [(2.0, None)]
+
+
+async def test_a_callback_that_waits_runs_to_its_end_and_returns_its_errors() -> None:
+    steps: list[int] = []
+
+    async def waiting(name: str, time_delta: float, **kwargs: Any) -> None:
+        for step in range(3):
+            await anyio.lowlevel.checkpoint()
+            steps.append(step)
+        if kwargs["fail"]:
+            raise ValueError("callback failed after waiting")
+
+    async with Timeit(name="n", callback=waiting, fail=False):
+        pass
+    assert steps == [0, 1, 2]
+    with pytest.raises(ValueError, match="after waiting"):
+        async with Timeit(name="n", callback=waiting, fail=True):
+            pass
+
+
+async def test_a_waiting_callback_is_cancelled_by_an_outer_deadline() -> None:
+    # Not cancelled when it starts: no shield, so an outer deadline stops it.
+    seen: list[str] = []
+
+    async def sleepy(name: str, time_delta: float, **kwargs: Any) -> None:
+        await anyio.lowlevel.checkpoint()
+        try:
+            await anyio.sleep(30)
+        except anyio.get_cancelled_exc_class():
+            seen.append("cancelled")
+            raise
+
+    with anyio.move_on_after(0.05) as scope:
+        async with Timeit(name="n", callback=sleepy):
+            pass
+    assert scope.cancelled_caught
+    assert seen == ["cancelled"]
+
+
 async def test_decorator_callback_runs_when_cancelled() -> None:
     seen: list[object] = []
 
@@ -301,3 +355,29 @@ async def wait_until(predicate: Any) -> None:
             if predicate():
                 return
             await anyio.lowlevel.checkpoint()
+
+
+def test_a_started_callback_gets_what_the_event_loop_throws() -> None:
+    # The event loop may throw into a suspended callback (asyncio does, to
+    # cancel a task); the rest of a callback run by Timeit must receive it.
+    from types import coroutine
+
+    from asyncworker.utils import _resume
+
+    @coroutine
+    def suspend() -> Any:
+        return (yield "suspended")
+
+    async def callback() -> str:
+        try:
+            await suspend()
+        except KeyError as exc:
+            return f"caught {exc}"
+        return "not thrown"
+
+    started = callback()
+    rest = _resume(started, started.send(None))
+    assert next(rest) == "suspended"
+    with pytest.raises(StopIteration) as stopped:
+        rest.throw(KeyError("from the loop"))
+    assert stopped.value.value == "caught 'from the loop'"
