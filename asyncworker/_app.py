@@ -843,10 +843,14 @@ class App(LifecycleMixin):
                 finally:
                     if self._publisher_connections.get(vhost) is connection:
                         del self._publisher_connections[vhost]
-        except AsyncWorkerError as exc:
+        except Exception as exc:
             if not started:
                 raise
-            logger.debug("publishing connection to vhost %r closed: %s", vhost, exc)
+            # Never into the App's nursery: the next publish opens another.
+            if isinstance(exc, AsyncWorkerError):
+                logger.debug("publishing connection to vhost %r closed: %s", vhost, exc)
+            else:
+                logger.warning("publishing connection to vhost %r failed: %r", vhost, exc)
 
     async def _close_publisher(self, vhost: str) -> None:
         """Close the publishing channel and connection of ``vhost`` (once serving ends)."""
