@@ -726,10 +726,13 @@ class App(LifecycleMixin):
                     await trio.sleep(0.02)
         except trio.TooSlowError:
             self._lifecycle.count_publish(target_vhost, False)
+            publishing = self._publisher_connections.get(target_vhost)
+            blocked = publishing.blocked if publishing is not None else None
+            why = f" (the broker is blocking publishers: {blocked})" if blocked else ""
             raise PublishTimeout(
                 f"message to exchange {exchange!r} with routing key {routing_key!r} "
-                f"(vhost {target_vhost!r}) was not confirmed within {timeout} s; it may or "
-                "may not have been delivered"
+                f"(vhost {target_vhost!r}) was not confirmed within {timeout} s{why}; it may "
+                "or may not have been delivered"
             ) from None
         except Exception:
             self._lifecycle.count_publish(target_vhost, False)

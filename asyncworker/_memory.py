@@ -1731,6 +1731,11 @@ class MemoryConnection:
         return self._open
 
     @property
+    def blocked(self) -> str | None:
+        """Always None: the in-memory broker never blocks publishers."""
+        return None
+
+    @property
     def close_reason(self) -> BaseException | None:
         """Why the connection closed (a ``ConnectionClosed``), or None."""
         return self._reason

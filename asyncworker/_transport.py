@@ -302,6 +302,12 @@ class Connection(Protocol):
     @property
     def close_reason(self) -> BaseException | None: ...
 
+    @property
+    def blocked(self) -> str | None:
+        """Why the broker is not reading what this connection publishes
+        (``connection.blocked``: low on memory or disk), or None."""
+        ...
+
     async def wait_closed(self) -> None: ...
 
     async def channel(self) -> Channel:
