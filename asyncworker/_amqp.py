@@ -616,6 +616,20 @@ class AMQPChannel:
         self._consumers.clear()
         self._closed_event.set()
 
+    def _abandon(self) -> None:
+        """Close this channel without waiting: its opener gave up after channel.open."""
+        if self._reason is not None or self._closing:
+            return
+        self._closing = True
+        self._conn._push(
+            _method_frame(
+                self._id,
+                commands.Channel.Close(
+                    reply_code=200, reply_text="Normal shutdown", class_id=0, method_id=0
+                ),
+            )
+        )
+
     # -- synchronous requests
 
     async def _rpc(self, method: _PamqpMethod | bytes, expect: type[_M]) -> _M:
@@ -1155,7 +1169,21 @@ class AMQPConnection:
             raise ChannelClosed(f"no free channel number (channel_max is {self._channel_max})")
         ch = AMQPChannel(self, channel_id)
         self._channels[channel_id] = ch
-        await ch._rpc(commands.Channel.Open(), commands.Channel.OpenOk)
+        # Sent at once (a new channel has no other request to wait for), so
+        # that an opener cancelled from here on knows channel.open went out.
+        rpc = _Rpc((commands.Channel.OpenOk,))
+        ch._rpcs.append(rpc)
+        self._push(_method_frame(channel_id, commands.Channel.Open()))
+        try:
+            await rpc.event.wait()
+        except BaseException:
+            # Given up (cancelled): the broker opens the channel anyway, or
+            # already has.  Close it right behind the open; its close-ok
+            # frees the number.
+            ch._abandon()
+            raise
+        if rpc.error is not None:
+            raise _fresh(rpc.error)
         return ch
 
     def _release(self, channel_id: int) -> None:

@@ -32,6 +32,8 @@ from asyncworker._exceptions import (
 )
 from asyncworker._transport import ConnectionParams, Delivery, Properties
 
+from .conftest import rabbitmqctl
+
 pytestmark = [pytest.mark.anyio, pytest.mark.rabbitmq]
 
 PARAMS = ConnectionParams(host="127.0.0.1", port=5672, user="guest", password="guest")
@@ -816,3 +818,56 @@ async def test_both_io_paths_consume_and_ack(
             assert received[:50] == [b"%d" % i for i in range(50)] and received[50] == big
             info = await ch.queue_declare(queue, passive=True)
             assert info.message_count == 0
+
+
+# -- a channel.open given up half-way
+
+
+async def broker_channel_count(name: str) -> int:
+    """How many channels the broker has open on the connection named ``name``."""
+    listing = await trio.to_thread.run_sync(
+        rabbitmqctl, "list_connections", "-q", "--no-table-headers", "channels", "client_properties"
+    )
+    counts = [
+        int(line.split("\t", 1)[0])
+        for line in listing.splitlines()
+        if f'{{"connection_name","{name}"}}' in line
+    ]
+    assert len(counts) == 1, listing
+    return counts[0]
+
+
+async def test_a_channel_open_cancelled_before_open_ok_leaves_nothing_open() -> None:
+    name = qname("abandon")
+    async with connect(replace(PARAMS, client_name=name)) as conn:
+        kept = await conn.channel()
+        cancelled_in_flight = 0
+        for _ in range(20):
+            opened: list[AMQPChannel] = []
+            async with trio.open_nursery() as nursery:
+
+                async def open_one() -> None:
+                    opened.append(await conn.channel())  # noqa: B023
+
+                nursery.start_soon(open_one)
+                # channel.open is written; the broker's open-ok is a round trip away.
+                await trio.testing.wait_all_tasks_blocked()
+                nursery.cancel_scope.cancel()
+            if opened:
+                await opened[0].close()  # open-ok won the race: try again
+            else:
+                cancelled_in_flight += 1
+        assert cancelled_in_flight, "open-ok always arrived before the cancellation"
+        # Each abandoned channel is closed as soon as the broker opened it,
+        # and its number is free again.
+        await wait_for_condition(lambda: list(conn._channels) == [kept.channel_id])
+        assert await broker_channel_count(name) == 1
+        again = await conn.channel()
+        assert again.channel_id == kept.channel_id + 1
+        assert kept.is_open and again.is_open
+
+
+async def wait_for_condition(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
+    with trio.fail_after(timeout):
+        while not predicate():
+            await trio.sleep(0.01)
