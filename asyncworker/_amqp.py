@@ -90,8 +90,10 @@ _RECEIVE_SIZE: Final = 65536
 #: An ack is written at once, without waking the writer, when nothing was
 #: written for this long (seconds); below that, acks share the writer's writes.
 _INLINE_SEND_GAP: Final = 0.0005
-#: Full reads in a row (each filled the buffer) before the reader yields to the other tasks.
+#: Successful reads in a row before the reader yields to the other tasks.
 _READS_BEFORE_YIELD: Final = 4
+#: A read shorter than this means the socket was (almost surely) emptied.
+_SMALL_READ: Final = 16384
 #: ``publish`` waits for the writer once this many bytes are queued, so that a
 #: fast publisher cannot grow the outgoing buffer without bound.
 _HIGH_WATER: Final = 4 * 1024 * 1024
@@ -1072,6 +1074,7 @@ class AMQPConnection:
         # rates is a large part of the cost of a message.  TLS uses the stream.
         self._fd = stream.socket.fileno() if isinstance(stream, trio.SocketStream) else -1
         self._reads_in_a_row = 0
+        self._read_was_small = False
         self._frame_max = params.frame_max
         self._channel_max = 2047
         self._heartbeat = 0
@@ -1327,10 +1330,10 @@ class AMQPConnection:
             # Data keeps coming: let the workers and the writer run.
             self._reads_in_a_row = 0
             await trio.lowlevel.checkpoint()
-        elif not self._reads_in_a_row:
-            # The last read emptied the socket (it returned less than asked
-            # for): wait before reading, rather than pay for a read that
-            # fails with EAGAIN, its exception, and then the wait anyway.
+        elif self._read_was_small:
+            # The last read found little (one message at a moderate rate):
+            # the socket is almost surely empty, so wait first rather than pay
+            # for a read that fails with EAGAIN, its exception, then the wait.
             await trio.lowlevel.wait_readable(fd)
         while True:
             try:
@@ -1339,7 +1342,8 @@ class AMQPConnection:
                 self._reads_in_a_row = 0
                 await trio.lowlevel.wait_readable(fd)
                 continue
-            self._reads_in_a_row = self._reads_in_a_row + 1 if len(chunk) == size else 0
+            self._reads_in_a_row += 1
+            self._read_was_small = len(chunk) < _SMALL_READ
             return chunk
 
     async def _writer(self) -> None:
