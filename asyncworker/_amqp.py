@@ -744,7 +744,7 @@ class AMQPChannel:
             # scheduler pass per message); at high rates, leave it to the
             # writer, which sends all the acks of a pass in one write.
             if conn._fd >= 0 and not conn._out:
-                now = trio.current_time()
+                now = conn._now()
                 if now - conn._last_send > _INLINE_SEND_GAP:
                     try:
                         sent = os.write(conn._fd, frame)
@@ -1094,6 +1094,8 @@ class AMQPConnection:
         self._drained: trio.Event | None = None
         self._last_send = 0.0
         self._last_recv = 0.0
+        # trio.current_time() without its layers of indirection (on the hot path).
+        self._now = trio.lowlevel.current_clock().current_time
         self._inbuf = bytearray()  # handshake reads; the leftover goes to the reader
 
     def __repr__(self) -> str:
@@ -1359,7 +1361,7 @@ class AMQPConnection:
                 self._out = []
                 data = b"".join(out) if len(out) > 1 else out[0]
                 await self._send_all(data)
-                self._last_send = trio.current_time()
+                self._last_send = self._now()
                 if self._out_size:
                     self._out_size = 0 if not self._out else sum(map(len, self._out))
                     if self._drained is not None and self._out_size <= _HIGH_WATER:
@@ -1418,7 +1420,7 @@ class AMQPConnection:
                 chunk = await self._receive(max(_RECEIVE_SIZE, need))
                 if not chunk:
                     raise _EOF
-                self._last_recv = trio.current_time()
+                self._last_recv = self._now()
                 data = leftover + chunk if leftover else chunk
         except _EOF:
             self._fail(ConnectionClosed("connection lost: the broker closed the socket"))
