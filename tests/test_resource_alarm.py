@@ -43,6 +43,10 @@ async def connection_states(name: str) -> dict[str, str]:
     return states
 
 
+async def memory_alarm_on() -> bool:
+    return "resource_limit,memory" in await ctl("eval", "rabbit_alarm:get_alarms().")
+
+
 async def test_consumers_keep_acking_while_the_broker_blocks_publishing(broker: Broker) -> None:
     watermark = rabbitmqctl("eval", "application:get_env(rabbit, vm_memory_high_watermark).")
     found = re.fullmatch(r"\{ok,([0-9.]+)\}", watermark.strip())
@@ -85,6 +89,7 @@ async def test_consumers_keep_acking_while_the_broker_blocks_publishing(broker: 
             await nursery.start(app.serve)
             await wait_for(lambda: handled >= 5)
             await ctl("set_vm_memory_high_watermark", "0.0000001")
+            await wait_for(memory_alarm_on, timeout=30, interval=0.2)
             alarm_on.set()
             # The forwarding handler published: the broker stopped reading
             # its connection.
