@@ -53,6 +53,11 @@ async def test_consumers_keep_acking_while_the_broker_blocks_publishing(broker: 
     if found is None:
         pytest.skip(f"the broker's memory watermark is not a plain fraction: {watermark!r}")
     original = found.group(1)
+    if float(original) < 0.001:
+        # This test's own value, left by a run that was killed half-way: the
+        # watermark is not persisted, so the broker's default is what it replaced.
+        original = "0.4"
+        rabbitmqctl("set_vm_memory_high_watermark", original)
 
     steady = await broker.declare("steady")
     trigger = await broker.declare("trigger")
