@@ -255,11 +255,14 @@ async def test_same_instance_reentrant_nested_and_concurrent() -> None:
     assert sorted(c["time_delta"] for c in recorder.calls) == [98.0, 99.0, 100.0]
 
 
-async def test_callback_runs_shielded_when_the_block_is_cancelled() -> None:
+@pytest.mark.parametrize("block_checkpoints", [True, False], ids=["raised", "returned"])
+async def test_callback_runs_shielded_when_the_block_is_cancelled(block_checkpoints: bool) -> None:
+    # Either the block raises the cancellation, or it returns normally in a
+    # scope that is already cancelled: without a shield, the callback's
+    # checkpoints would raise at once in both cases.
     clock, seen = FakeClock(), []
 
     async def slow_callback(name: str, time_delta: float, **kwargs: Any) -> None:
-        # Checkpoints inside a cancelled scope: only a shield lets this finish.
         await anyio.lowlevel.checkpoint()
         await anyio.lowlevel.checkpoint()
         seen.append((time_delta, kwargs["exc_type"]))
@@ -268,27 +271,14 @@ async def test_callback_runs_shielded_when_the_block_is_cancelled() -> None:
         async with Timeit(name="n", callback=slow_callback, clock=clock):
             clock.advance(5.0)
             scope.cancel()
-            await anyio.lowlevel.checkpoint()
-            pytest.fail("the block should have been cancelled")
-    assert scope.cancelled_caught
-    assert seen == [(5.0, anyio.get_cancelled_exc_class())]
-
-
-async def test_callback_runs_shielded_when_the_scope_was_cancelled_without_a_checkpoint() -> None:
-    # The block returns normally, but its scope is already cancelled: the
-    # callback's checkpoints would raise at once without a shield.
-    clock, seen = FakeClock(), []
-
-    async def slow_callback(name: str, time_delta: float, **kwargs: Any) -> None:
-        await anyio.lowlevel.checkpoint()
-        await anyio.lowlevel.checkpoint()
-        seen.append((time_delta, kwargs["exc_type"]))
-
-    with anyio.CancelScope() as scope:
-        async with Timeit(name="n", callback=slow_callback, clock=clock):
-            clock.advance(2.0)
-            scope.cancel()
-    assert seen == [(2.0, None)]
+            if block_checkpoints:
+                await anyio.lowlevel.checkpoint()
+                pytest.fail("the block should have been cancelled")
+    if block_checkpoints:
+        assert scope.cancelled_caught
+        assert seen == [(5.0, anyio.get_cancelled_exc_class())]
+    else:
+        assert seen == [(5.0, None)]
 
 
 async def test_a_callback_that_waits_runs_to_its_end_and_returns_its_errors() -> None:
