@@ -34,6 +34,8 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
+from ._app import _only_leaf
+from ._consumer import wait_first
 from ._memory import MemoryBroker as MemoryBroker
 from ._memory import QueueStats as QueueStats
 from ._memory import register_broker, unregister_broker
@@ -270,7 +272,7 @@ class TestClient:
             heap = broker._heap
             deadline = heap[0][0] if heap else math.inf
             with trio.move_on_at(deadline):
-                await _first_of(waits)
+                await wait_first(*waits)
 
     def _busy(self) -> tuple[bool, list[Consumer]]:
         """Whether the App has work left, and its consumers running handlers."""
@@ -394,28 +396,14 @@ def _changed_since(broker: MemoryBroker, version: int) -> Callable[[], Awaitable
     return wait
 
 
-async def _first_of(waits: list[Callable[[], Awaitable[object]]]) -> None:
-    """Return as soon as one of ``waits`` returns."""
-    async with trio.open_nursery() as nursery:
-        for wait in waits:
-
-            async def one(wait: Callable[[], Awaitable[object]] = wait) -> None:
-                await wait()
-                nursery.cancel_scope.cancel()
-
-            nursery.start_soon(one)
-
-
 def _raise_single(group: BaseExceptionGroup[BaseException]) -> None:
     """Re-raise the only exception inside nested single-exception groups, as itself.
 
     Returns (and the caller re-raises the group) when there is more than one.
     """
-    exc: BaseException = group
-    while isinstance(exc, BaseExceptionGroup):
-        if len(exc.exceptions) != 1:
-            return
-        exc = exc.exceptions[0]
+    exc = _only_leaf(group)
+    if exc is None:
+        return
     context, cause, suppress = exc.__context__, exc.__cause__, exc.__suppress_context__
     try:
         raise exc
