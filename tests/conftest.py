@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import inspect
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -164,6 +165,25 @@ def rabbitmqctl(*args: str) -> str:
     if result.returncode != 0:
         raise RuntimeError(f"rabbitmqctl {' '.join(args)} failed: {result.stderr.strip()}")
     return result.stdout
+
+
+def broker_connections(*items: str) -> list[tuple[str, list[str]]]:
+    """The broker's connections as ``(connection_name, [items...])``.
+
+    ``items`` are ``rabbitmqctl list_connections`` info items (``pid``,
+    ``vhost``, ``state``, ``channels``, ...); connections without a
+    ``connection_name`` are left out.
+    """
+    listing = rabbitmqctl(
+        "list_connections", "-q", "--no-table-headers", *items, "client_properties"
+    )
+    found = []
+    for line in listing.splitlines():
+        *values, properties = line.split("\t")
+        named = re.search(r'\{"connection_name","([^"]*)"\}', properties)
+        if named:
+            found.append((named.group(1), [value.strip() for value in values]))
+    return found
 
 
 @pytest.fixture

@@ -32,7 +32,7 @@ from asyncworker._exceptions import (
 )
 from asyncworker._transport import ConnectionParams, Delivery, Properties
 
-from .conftest import rabbitmqctl
+from .conftest import broker_connections
 
 pytestmark = [pytest.mark.anyio, pytest.mark.rabbitmq]
 
@@ -322,14 +322,8 @@ async def test_large_body_round_trip() -> None:
 
 
 def _close_connections(name: str) -> None:
-    listing = subprocess.run(
-        ["rabbitmqctl", "list_connections", "-q", "pid", "client_properties"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=True,
-    ).stdout
-    pids = [line.split("\t", 1)[0] for line in listing.splitlines() if name in line]
+    listing = broker_connections("pid")
+    pids = [pid for named, (pid,) in listing if named == name]
     assert pids, f"no connection named {name!r} in {listing!r}"
     for pid in pids:
         subprocess.run(
@@ -825,14 +819,8 @@ async def test_both_io_paths_consume_and_ack(
 
 async def broker_channel_count(name: str) -> int:
     """How many channels the broker has open on the connection named ``name``."""
-    listing = await trio.to_thread.run_sync(
-        rabbitmqctl, "list_connections", "-q", "--no-table-headers", "channels", "client_properties"
-    )
-    counts = [
-        int(line.split("\t", 1)[0])
-        for line in listing.splitlines()
-        if f'{{"connection_name","{name}"}}' in line
-    ]
+    listing = await trio.to_thread.run_sync(broker_connections, "channels")
+    counts = [int(channels) for named, (channels,) in listing if named == name]
     assert len(counts) == 1, listing
     return counts[0]
 

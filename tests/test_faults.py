@@ -45,6 +45,7 @@ from .conftest import (
     BROKER_PORT,
     BROKER_URL,
     Broker,
+    broker_connections,
     open_broker,
     rabbitmqctl,
     unique,
@@ -67,13 +68,8 @@ async def ctl(*args: str) -> str:
 async def close_app_connection(name: str) -> None:
     """Close the App's connections: the consumers' one (``connection_name`` is
     ``name``) and, if the App has published, its publishing one."""
-    listing = await ctl("list_connections", "-q", "--no-table-headers", "pid", "client_properties")
-    pids = [
-        line.split("\t", 1)[0]
-        for line in listing.splitlines()
-        if f'{{"connection_name","{name}"}}' in line
-        or f'{{"connection_name","{name} (publisher)"}}' in line
-    ]
+    listing = await trio.to_thread.run_sync(broker_connections, "pid")
+    pids = [pid for named, (pid,) in listing if named in (name, f"{name} (publisher)")]
     assert pids, f"no connection named {name!r} in:\n{listing}"
     for pid in pids:
         await ctl("close_connection", pid, "asyncworker fault test")
@@ -432,16 +428,8 @@ async def test_publish_in_flight_across_a_connection_kill_is_retried(broker: Bro
 
 async def app_connections(name: str) -> list[tuple[str, str]]:
     """``(vhost, connection_name)`` of the broker's connections named after the App ``name``."""
-    listing = await ctl(
-        "list_connections", "-q", "--no-table-headers", "vhost", "client_properties"
-    )
-    found = []
-    for line in listing.splitlines():
-        vhost, _, properties = line.partition("\t")
-        named = re.search(r'\{"connection_name","([^"]*)"\}', properties)
-        if named and named.group(1).startswith(name):
-            found.append((vhost.strip(), named.group(1)))
-    return sorted(found)
+    listing = await trio.to_thread.run_sync(broker_connections, "vhost")
+    return sorted((vhost, named) for named, (vhost,) in listing if named.startswith(name))
 
 
 async def test_publishing_to_another_vhost_keeps_one_connection(broker: Broker, vhost: str) -> None:

@@ -11,7 +11,7 @@ import trio
 from asyncworker import App, Backoff, Message
 from asyncworker._logging import JsonFormatter
 
-from .conftest import BROKER_URL, Broker, rabbitmqctl, unique, wait_for
+from .conftest import BROKER_URL, Broker, broker_connections, rabbitmqctl, unique, wait_for
 
 
 async def http_get(url: str, path: str) -> tuple[int, bytes]:
@@ -34,10 +34,8 @@ async def health_is(url: str, expected: int) -> bool:
 
 
 def connection_pid(name: str) -> str | None:
-    for line in rabbitmqctl("list_connections", "pid", "client_properties", "-q").splitlines():
-        if f'{{"connection_name","{name}"}}' in line:  # not "<name> (publisher)"
-            return line.split("\t")[0]
-    return None
+    pids = [pid for named, (pid,) in broker_connections("pid") if named == name]
+    return pids[0] if pids else None
 
 
 def metric(text: str, name: str, **labels: str) -> float:

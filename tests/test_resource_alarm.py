@@ -20,7 +20,7 @@ import trio
 
 from asyncworker import App, Message, PublishTimeout
 
-from .conftest import BROKER_URL, Broker, rabbitmqctl, unique, wait_for
+from .conftest import BROKER_URL, Broker, broker_connections, rabbitmqctl, unique, wait_for
 
 pytestmark = pytest.mark.rabbitmq
 
@@ -31,16 +31,8 @@ async def ctl(*args: str) -> str:
 
 async def connection_states(name: str) -> dict[str, str]:
     """``{connection_name: state}`` of the broker's connections whose name starts with ``name``."""
-    listing = await ctl(
-        "list_connections", "-q", "--no-table-headers", "state", "client_properties"
-    )
-    states = {}
-    for line in listing.splitlines():
-        state, _, properties = line.partition("\t")
-        found = re.search(r'\{"connection_name","([^"]*)"\}', properties)
-        if found and found.group(1).startswith(name):
-            states[found.group(1)] = state.strip()
-    return states
+    listing = await trio.to_thread.run_sync(broker_connections, "state")
+    return {named: state for named, (state,) in listing if named.startswith(name)}
 
 
 async def memory_alarm_on() -> bool:
