@@ -194,6 +194,16 @@ def _arguments_frame(
     return _frame_head.pack(_FRAME_METHOD, channel_id, len(payload)) + payload + _FRAME_END_BYTE
 
 
+def _close_frame(channel_id: int) -> bytes:
+    """``channel.close`` for a normal shutdown."""
+    return _method_frame(
+        channel_id,
+        commands.Channel.Close(
+            reply_code=200, reply_text="Normal shutdown", class_id=0, method_id=0
+        ),
+    )
+
+
 def _shortstr(value: str) -> bytes:
     raw = value.encode()
     if len(raw) > 255:
@@ -623,14 +633,7 @@ class AMQPChannel:
         if self._reason is not None or self._closing:
             return
         self._closing = True
-        self._conn._push(
-            _method_frame(
-                self._id,
-                commands.Channel.Close(
-                    reply_code=200, reply_text="Normal shutdown", class_id=0, method_id=0
-                ),
-            )
-        )
+        self._conn._push(_close_frame(self._id))
 
     # -- synchronous requests
 
@@ -654,16 +657,23 @@ class AMQPChannel:
         async with self._lock:
             self._check_open()
             self._conn._check_open()
-            rpc = _Rpc(expect)
-            # The waiter stays queued even if we are cancelled below: replies
-            # arrive in request order, so an abandoned waiter must still absorb
-            # its reply instead of letting the next request take it.
-            self._rpcs.append(rpc)
-            self._conn._push(frame)
+            rpc = self._request(frame, expect)
             await rpc.event.wait()
         if rpc.error is not None:
             raise _fresh(rpc.error)
         return rpc.result
+
+    def _request(self, frame: bytes, expect: tuple[type[Any], ...]) -> _Rpc:
+        """Queue a waiter for the reply, then send ``frame``.
+
+        The waiter stays queued even if its caller gives up: replies arrive in
+        request order, so an abandoned waiter must still absorb its reply
+        instead of letting the next request take it.
+        """
+        rpc = _Rpc(expect)
+        self._rpcs.append(rpc)
+        self._conn._push(frame)
+        return rpc
 
     def _on_reply(self, method: _PamqpMethod | None, result: Any) -> None:
         """Complete the oldest waiting request with ``result``."""
@@ -916,16 +926,7 @@ class AMQPChannel:
                 # From here on, deliveries are dropped (the broker requeues
                 # them) and settlements raise: the broker ignores them anyway.
                 self._closing = True
-                rpc = _Rpc((commands.Channel.CloseOk,))
-                self._rpcs.append(rpc)
-                self._conn._push(
-                    _method_frame(
-                        self._id,
-                        commands.Channel.Close(
-                            reply_code=200, reply_text="Normal shutdown", class_id=0, method_id=0
-                        ),
-                    )
-                )
+                rpc = self._request(_close_frame(self._id), (commands.Channel.CloseOk,))
                 await rpc.event.wait()
         except (ChannelClosed, ConnectionClosed):
             pass  # already gone: that is what was asked for
@@ -1176,9 +1177,9 @@ class AMQPConnection:
         self._channels[channel_id] = ch
         # Sent at once (a new channel has no other request to wait for), so
         # that an opener cancelled from here on knows channel.open went out.
-        rpc = _Rpc((commands.Channel.OpenOk,))
-        ch._rpcs.append(rpc)
-        self._push(_method_frame(channel_id, commands.Channel.Open()))
+        rpc = ch._request(
+            _method_frame(channel_id, commands.Channel.Open()), (commands.Channel.OpenOk,)
+        )
         try:
             await rpc.event.wait()
         except BaseException:
