@@ -584,7 +584,6 @@ class App(LifecycleMixin):
                             await wait_first(connection.wait_closed, self._stop_event.wait)
                         if not connection.is_open:
                             raise connection.close_reason or ConnectionClosed("connection lost")
-                        await self._close_publisher(vhost)
                 except (ConnectionClosed, ChannelClosed, ConnectError) as exc:
                     connected = self._reset_connected(vhost)
                     if first:
@@ -616,6 +615,7 @@ class App(LifecycleMixin):
             # the grace timer bounds this wait.  Then retire the idle workers.
             for consumer in consumers:
                 await consumer.wait_idle()
+            # Publishing goes on until every handler has finished.
             await self._close_publisher(vhost)
             workers.cancel_scope.cancel()
         self._worker_scopes.discard(workers.cancel_scope)
