@@ -186,6 +186,15 @@ def broker_connections(*items: str) -> list[tuple[str, list[str]]]:
     return found
 
 
+def close_broker_connections(*names: str) -> None:
+    """Close the broker's connections whose ``connection_name`` is one of ``names``."""
+    listing = broker_connections("pid")
+    pids = [pid for named, (pid,) in listing if named in names]
+    assert pids, f"no connection named {names!r} in:\n{listing}"
+    for pid in pids:
+        rabbitmqctl("close_connection", pid, "closed by test")
+
+
 @pytest.fixture
 def vhost() -> Iterator[str]:
     """A fresh vhost on the real broker with guest allowed, deleted afterwards."""

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import datetime
 import decimal
-import subprocess
 import traceback
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -32,7 +31,7 @@ from asyncworker._exceptions import (
 )
 from asyncworker._transport import ConnectionParams, Delivery, Properties
 
-from .conftest import broker_connections
+from .conftest import broker_connections, close_broker_connections
 
 pytestmark = [pytest.mark.anyio, pytest.mark.rabbitmq]
 
@@ -321,25 +320,12 @@ async def test_large_body_round_trip() -> None:
             assert fetched is not None and fetched.body == body[:300_000]
 
 
-def _close_connections(name: str) -> None:
-    listing = broker_connections("pid")
-    pids = [pid for named, (pid,) in listing if named == name]
-    assert pids, f"no connection named {name!r} in {listing!r}"
-    for pid in pids:
-        subprocess.run(
-            ["rabbitmqctl", "close_connection", pid, "closed by test"],
-            capture_output=True,
-            timeout=60,
-            check=True,
-        )
-
-
 async def test_broker_closes_connection() -> None:
     name = f"aw-test-close-{uuid.uuid4().hex[:8]}"
     with trio.fail_after(60):
         async with connect(replace(PARAMS, client_name=name)) as conn:
             ch = await conn.channel()
-            await trio.to_thread.run_sync(_close_connections, name)
+            await trio.to_thread.run_sync(close_broker_connections, name)
             await conn.wait_closed()
             await ch.wait_closed()
             assert not conn.is_open

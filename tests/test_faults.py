@@ -46,6 +46,7 @@ from .conftest import (
     BROKER_URL,
     Broker,
     broker_connections,
+    close_broker_connections,
     open_broker,
     rabbitmqctl,
     unique,
@@ -68,11 +69,7 @@ async def ctl(*args: str) -> str:
 async def close_app_connection(name: str) -> None:
     """Close the App's connections: the consumers' one (``connection_name`` is
     ``name``) and, if the App has published, its publishing one."""
-    listing = await trio.to_thread.run_sync(broker_connections, "pid")
-    pids = [pid for named, (pid,) in listing if named in (name, f"{name} (publisher)")]
-    assert pids, f"no connection named {name!r} in:\n{listing}"
-    for pid in pids:
-        await ctl("close_connection", pid, "asyncworker fault test")
+    await trio.to_thread.run_sync(close_broker_connections, name, f"{name} (publisher)")
 
 
 def events_of(events: list[ConnectionEvent], kind: str) -> list[ConnectionEvent]:
