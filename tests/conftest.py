@@ -4,6 +4,12 @@ Tests marked ``rabbitmq`` need a broker on 127.0.0.1:5672 (guest/guest).
 When none answers they are skipped on a developer's machine, and they FAIL
 when ``CI=true`` or ``ASYNCWORKER_REQUIRE_BROKER=1``: CI must never go green
 by skipping the tests that matter.
+
+The report header names the ``asyncworker`` the suite imports.  CI runs the
+suite a second time against the installed wheel with
+``ASYNCWORKER_TEST_INSTALLED=1``: then the run stops at once unless that
+``asyncworker`` is the one in the interpreter's site-packages, so that a
+source tree on ``sys.path`` can never stand in for what users install.
 """
 
 from __future__ import annotations
@@ -14,14 +20,17 @@ import re
 import shutil
 import socket
 import subprocess
+import sysconfig
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import pytest
 import trio
 
+import asyncworker
 from asyncworker._transport import Channel, ConnectionParams, Properties, connect
 
 BROKER_HOST = os.environ.get("ASYNCWORKER_TEST_HOST", "127.0.0.1")
@@ -31,6 +40,23 @@ REQUIRE_BROKER = (
     os.environ.get("CI", "").lower() == "true"
     or os.environ.get("ASYNCWORKER_REQUIRE_BROKER") == "1"
 )
+
+
+def pytest_report_header() -> str:
+    return f"asyncworker: {asyncworker.__file__}"
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    if os.environ.get("ASYNCWORKER_TEST_INSTALLED") != "1":
+        return
+    imported = Path(asyncworker.__file__).resolve()
+    installed = {Path(sysconfig.get_path(key)).resolve() for key in ("purelib", "platlib")}
+    if not any(imported.is_relative_to(site) for site in installed):
+        raise pytest.UsageError(
+            f"ASYNCWORKER_TEST_INSTALLED=1, but asyncworker was imported from {imported}, "
+            f"not from site-packages ({', '.join(map(str, sorted(installed)))}): run the suite "
+            "from a directory without the source tree, e.g. a copy of tests/"
+        )
 
 
 def _broker_answers() -> bool:
