@@ -13,6 +13,7 @@
     app.run()
 """
 
+from . import _util
 from ._app import App as App
 from ._app import AppStatistics as AppStatistics
 from ._app import Backoff as Backoff
@@ -33,15 +34,16 @@ from ._exceptions import PublishError as PublishError
 from ._exceptions import PublishNacked as PublishNacked
 from ._exceptions import PublishTimeout as PublishTimeout
 from ._exceptions import QueueNotFound as QueueNotFound
+from ._exceptions import StartupError as StartupError
 from ._exceptions import Unroutable as Unroutable
-from ._lifecycle import StartupError as StartupError
 from ._logging import JsonFormatter as JsonFormatter
 from ._logging import configure_logging as configure_logging
 from ._message import Message as Message
 from ._message import Settlement as Settlement
 from ._transport import Properties as Properties
 
-__version__ = "0.1.0"
+#: The installed version (from the distribution's metadata).
+__version__ = _util.VERSION
 
 __all__ = [
     "App",

@@ -21,7 +21,7 @@ import trio
 from . import _settings
 from ._bulk import BulkConfig, check_bulk
 from ._chain import _IN_WORKER, CallNext, Handler, Middleware, build_chain
-from ._consumer import Consumer, ConsumerStatistics, sleep_unless, wait_first
+from ._consumer import Consumer, ConsumerStatistics
 from ._exceptions import (
     AsyncWorkerError,
     AuthenticationError,
@@ -34,6 +34,7 @@ from ._exceptions import (
 from ._lifecycle import Lifecycle, LifecycleMixin
 from ._logging import configure_logging
 from ._transport import Channel, Connection, ConnectionParams, Properties, connect, redact_url
+from ._util import is_async_callable, only_leaf, sleep_unless, wait_first
 from ._watchdog import watch_loop
 from .middlewares.ack_requeue import AckRequeue
 
@@ -355,7 +356,7 @@ class App(LifecycleMixin):
         )
 
         def decorator(handler: H) -> H:
-            if not _is_async_callable(handler):
+            if not is_async_callable(handler):
                 raise TypeError(
                     f"handler {getattr(handler, '__qualname__', handler)!r} must be an async "
                     "function (async def handler(message): ...)"
@@ -389,7 +390,7 @@ class App(LifecycleMixin):
         try:
             trio.run(self._run_until_signal)
         except BaseException as exc:
-            leaf = _only_leaf(exc) if isinstance(exc, BaseExceptionGroup) else exc
+            leaf = only_leaf(exc)
             if isinstance(leaf, (AsyncWorkerError, RuntimeError)):
                 logger.error("asyncworker cannot start: %s", leaf)
                 sys.exit(1)
@@ -489,7 +490,7 @@ class App(LifecycleMixin):
         except BaseExceptionGroup as group:
             # A startup failure surfaces as itself, not wrapped in the groups
             # of our internal nurseries.
-            leaf = _only_leaf(group)
+            leaf = only_leaf(group)
             if isinstance(leaf, AsyncWorkerError):
                 raise leaf from None
             raise
@@ -902,14 +903,6 @@ def _init_parameters() -> frozenset[str]:
     return frozenset(inspect.signature(App.__init__).parameters) - {"self"}
 
 
-def _is_async_callable(obj: object) -> bool:
-    while hasattr(obj, "func") and not inspect.isfunction(obj):  # functools.partial
-        obj = obj.func
-    return inspect.iscoroutinefunction(obj) or inspect.iscoroutinefunction(
-        getattr(obj, "__call__", None)  # noqa: B004
-    )
-
-
 def _check_middlewares(middlewares: Sequence[Middleware], where: str) -> tuple[Middleware, ...]:
     if isinstance(middlewares, (str, bytes)) or not isinstance(middlewares, Iterable):
         raise TypeError(f"{where} middlewares must be a list, got {middlewares!r}")
@@ -925,7 +918,7 @@ def _check_middlewares(middlewares: Sequence[Middleware], where: str) -> tuple[M
                 f"{where}: middleware {middleware.__name__} is a class; pass an instance "
                 f"({middleware.__name__}(...))"
             )
-        if not _is_async_callable(middleware):
+        if not is_async_callable(middleware):
             raise TypeError(
                 f"{where}: middleware {middleware!r} must be an async callable "
                 "(async def middleware(message, call_next): ...)"
@@ -936,7 +929,7 @@ def _check_middlewares(middlewares: Sequence[Middleware], where: str) -> tuple[M
 def _check_settlement(settlement: Middleware | None, where: str) -> Middleware:
     if settlement is None:
         return AckRequeue()
-    if not _is_async_callable(settlement):
+    if not is_async_callable(settlement):
         raise TypeError(
             f"{where}: settlement must be an AckRequeue(...) or an async callable "
             f"(message, call_next) that settles every message, got {settlement!r}"
@@ -964,16 +957,6 @@ def _startup_error(exc: BaseException, params: ConnectionParams) -> BaseExceptio
     if isinstance(exc, ConnectError):
         return exc
     return ConnectError(f"cannot connect to {params.display}: {exc}")
-
-
-def _only_leaf(group: BaseExceptionGroup[BaseException]) -> BaseException | None:
-    """The exception inside nested single-exception groups, else None."""
-    exc: BaseException = group
-    while isinstance(exc, BaseExceptionGroup):
-        if len(exc.exceptions) != 1:
-            return None
-        exc = exc.exceptions[0]
-    return exc
 
 
 async def _await_logged(awaitable: Awaitable[Any], event: ConnectionEvent) -> None:

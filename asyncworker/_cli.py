@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from . import _settings
+from ._util import VERSION
 
 if TYPE_CHECKING:
     from ._app import App
@@ -71,13 +72,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
-    from . import __version__
-
     parser = argparse.ArgumentParser(
         prog="asyncworker",
         description="Run, feed and try out asyncworker Apps (RabbitMQ workers).",
     )
-    parser.add_argument("--version", action="version", version=f"asyncworker {__version__}")
+    parser.add_argument("--version", action="version", version=f"asyncworker {VERSION}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     run = commands.add_parser(

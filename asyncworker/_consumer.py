@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import collections
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -35,6 +35,7 @@ from ._bulk import BatchCollector
 from ._chain import _IN_WORKER
 from ._exceptions import AsyncWorkerError, ChannelClosed, ConnectionClosed, QueueNotFound
 from ._message import Message, _Tally
+from ._util import sleep_unless, wait_first
 
 if TYPE_CHECKING:
     from ._app import App, _Route
@@ -396,21 +397,3 @@ class Consumer:
             lost=tally.lost,
             problem=self._problem,
         )
-
-
-async def wait_first(*waits: Callable[[], Awaitable[object]]) -> None:
-    """Return as soon as one of ``waits`` returns (the others are cancelled)."""
-    async with trio.open_nursery() as nursery:
-        for wait in waits:
-
-            async def one(wait: Callable[[], Awaitable[object]] = wait) -> None:
-                await wait()
-                nursery.cancel_scope.cancel()
-
-            nursery.start_soon(one)
-
-
-async def sleep_unless(event: trio.Event, seconds: float) -> None:
-    """Sleep ``seconds``, or less if ``event`` gets set."""
-    with trio.move_on_after(seconds):
-        await event.wait()

@@ -13,6 +13,7 @@ The hierarchy::
     │   ├── Unroutable               a mandatory publish was returned: no queue was bound
     │   └── PublishTimeout           no confirmation came within the publish timeout
     ├── MessageDecodeError           a message body could not be decoded (``Message.json()``)
+    ├── StartupError                 a startup hook failed, or the health server could not bind
     └── HandlerTimeout               a handler ran longer than its ``Timeout`` middleware allows
 
 Errors from the AMQP client are translated into these at the transport seam,
@@ -34,6 +35,7 @@ __all__ = [
     "PublishNacked",
     "PublishTimeout",
     "QueueNotFound",
+    "StartupError",
     "Unroutable",
 ]
 
@@ -130,6 +132,14 @@ class MessageDecodeError(AsyncWorkerError, ValueError):
 
     Raised by ``Message.json()`` and ``Message.text``; the message names the
     queue and delivery tag so that the poison message can be found.
+    """
+
+
+class StartupError(AsyncWorkerError):
+    """A startup hook raised, or the health server could not bind: ``serve()`` did not start.
+
+    The message names the hook (or the address) and the error; the error is
+    chained as ``__cause__``.
     """
 
 

@@ -32,7 +32,8 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import trio
 
-from ._exceptions import AsyncWorkerError
+from ._exceptions import StartupError
+from ._util import is_async_callable, only_leaf
 from .middlewares.ack_requeue import _split_cancelled
 
 if TYPE_CHECKING:
@@ -40,21 +41,13 @@ if TYPE_CHECKING:
     from ._chain import CallNext
     from ._metrics import AppMetrics
 
-__all__ = ["Hook", "Lifecycle", "LifecycleMixin", "PeriodicTask", "StartupError"]
+__all__ = ["Hook", "Lifecycle", "LifecycleMixin", "PeriodicTask"]
 
 logger = logging.getLogger("asyncworker")
 
 #: A lifecycle hook or periodic task: ``async def hook(app) -> None``.
 Hook = Callable[["App"], Awaitable[Any]]
 F = TypeVar("F", bound=Hook)
-
-
-class StartupError(AsyncWorkerError):
-    """A startup hook raised: ``serve()`` did not start.
-
-    The message names the hook and its exception; the exception is chained
-    as ``__cause__``.
-    """
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,9 +70,7 @@ def _name(function: object) -> str:
 
 
 def _check_async(function: object, what: str) -> None:
-    from ._app import _is_async_callable
-
-    if not _is_async_callable(function):
+    if not is_async_callable(function):
         raise TypeError(
             f"{what} {_name(function)!r} must be an async function taking the app "
             "(async def function(app): ...)"
@@ -165,9 +156,7 @@ class Lifecycle:
             self.http_url = await nursery.start(serve_http, self.app, self.metrics, self.http)
         except (OSError, BaseExceptionGroup) as exc:
             # hypercorn's nurseries wrap the bind error in groups.
-            leaf: BaseException = exc
-            while isinstance(leaf, BaseExceptionGroup) and len(leaf.exceptions) == 1:
-                leaf = leaf.exceptions[0]
+            leaf = only_leaf(exc)
             if not isinstance(leaf, OSError):
                 raise
             raise StartupError(

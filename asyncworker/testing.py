@@ -34,12 +34,11 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from ._app import _only_leaf
-from ._consumer import wait_first
 from ._memory import MemoryBroker as MemoryBroker
 from ._memory import QueueStats as QueueStats
 from ._memory import register_broker, unregister_broker
 from ._transport import Channel, ConnectionParams, Properties, connect
+from ._util import raise_single, wait_first
 
 if TYPE_CHECKING:
     from ._app import App
@@ -173,7 +172,7 @@ class TestClient:
                     self._connect_stack = None
                     self._channels.clear()
         except BaseExceptionGroup as group:
-            _raise_single(group)
+            raise_single(group)
             raise
 
     async def _channel(self, vhost: str) -> Channel:
@@ -394,19 +393,3 @@ def _changed_since(broker: MemoryBroker, version: int) -> Callable[[], Awaitable
             await broker.wait_for_change()
 
     return wait
-
-
-def _raise_single(group: BaseExceptionGroup[BaseException]) -> None:
-    """Re-raise the only exception inside nested single-exception groups, as itself.
-
-    Returns (and the caller re-raises the group) when there is more than one.
-    """
-    exc = _only_leaf(group)
-    if exc is None:
-        return
-    context, cause, suppress = exc.__context__, exc.__cause__, exc.__suppress_context__
-    try:
-        raise exc
-    finally:
-        # Keep the exception as the test raised it, not chained to our group.
-        exc.__context__, exc.__cause__, exc.__suppress_context__ = context, cause, suppress
