@@ -15,14 +15,14 @@
 
 from . import _util
 from ._app import App as App
-from ._app import AppStatistics as AppStatistics
 from ._app import Backoff as Backoff
 from ._app import ConnectionEvent as ConnectionEvent
-from ._bulk import Batch as Batch
+from ._chain import BulkCallNext as BulkCallNext
+from ._chain import BulkHandler as BulkHandler
+from ._chain import BulkMiddleware as BulkMiddleware
 from ._chain import CallNext as CallNext
 from ._chain import Handler as Handler
 from ._chain import Middleware as Middleware
-from ._consumer import ConsumerStatistics as ConsumerStatistics
 from ._exceptions import AsyncWorkerError as AsyncWorkerError
 from ._exceptions import AuthenticationError as AuthenticationError
 from ._exceptions import ChannelClosed as ChannelClosed
@@ -38,8 +38,12 @@ from ._exceptions import StartupError as StartupError
 from ._exceptions import Unroutable as Unroutable
 from ._logging import JsonFormatter as JsonFormatter
 from ._logging import configure_logging as configure_logging
+from ._message import Batch as Batch
 from ._message import Message as Message
+from ._message import Settleable as Settleable
 from ._message import Settlement as Settlement
+from ._statistics import AppStatistics as AppStatistics
+from ._statistics import ConsumerStatistics as ConsumerStatistics
 from ._transport import Properties as Properties
 
 #: The installed version (from the distribution's metadata).
@@ -52,6 +56,9 @@ __all__ = [
     "AuthenticationError",
     "Backoff",
     "Batch",
+    "BulkCallNext",
+    "BulkHandler",
+    "BulkMiddleware",
     "CallNext",
     "ChannelClosed",
     "ConnectError",
@@ -69,6 +76,7 @@ __all__ = [
     "PublishNacked",
     "PublishTimeout",
     "QueueNotFound",
+    "Settleable",
     "Settlement",
     "StartupError",
     "Unroutable",

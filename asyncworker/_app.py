@@ -21,7 +21,7 @@ import trio
 from . import _settings
 from ._bulk import BulkConfig, check_bulk
 from ._chain import _IN_WORKER, CallNext, Handler, Middleware, build_chain
-from ._consumer import Consumer, ConsumerStatistics
+from ._consumer import Consumer
 from ._exceptions import (
     AsyncWorkerError,
     AuthenticationError,
@@ -33,10 +33,11 @@ from ._exceptions import (
 )
 from ._lifecycle import Lifecycle, LifecycleMixin
 from ._logging import configure_logging
+from ._settlement import AckRequeue
+from ._statistics import AppStatistics
 from ._transport import Channel, Connection, ConnectionParams, Properties, connect, redact_url
 from ._util import is_async_callable, only_leaf, sleep_unless, wait_first
 from ._watchdog import watch_loop
-from .middlewares.ack_requeue import AckRequeue
 
 if TYPE_CHECKING:
     from .testing import TestClient
@@ -95,20 +96,6 @@ class ConnectionEvent:
     vhost: str
     queue: str | None = None
     error: BaseException | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class AppStatistics:
-    """A snapshot of an App (see ``App.statistics()``)."""
-
-    #: Whether ``serve()`` is running and has started every consumer.
-    serving: bool
-    #: Whether each vhost's connection is open right now.
-    connected: dict[str, bool]
-    #: Reconnections since the App started, per vhost.
-    reconnects: dict[str, int]
-    #: One record per (vhost, queue).
-    consumers: tuple[ConsumerStatistics, ...]
 
 
 @dataclass(eq=False)
@@ -892,6 +879,8 @@ class App(LifecycleMixin):
             consumers=tuple(
                 consumer.statistics() for route in self._routes for consumer in route.consumers
             ),
+            publishes_confirmed=dict(self._lifecycle.publishes_confirmed),
+            publishes_failed=dict(self._lifecycle.publishes_failed),
         )
 
 
@@ -908,15 +897,17 @@ def _check_middlewares(middlewares: Sequence[Middleware], where: str) -> tuple[M
         raise TypeError(f"{where} middlewares must be a list, got {middlewares!r}")
     result = tuple(middlewares)
     for middleware in result:
-        if isinstance(middleware, AckRequeue):
-            raise ValueError(
-                f"{where}: AckRequeue is the settlement policy, not a middleware; "
-                "pass it as settlement=AckRequeue(...)"
-            )
         if isinstance(middleware, type):
             raise TypeError(
                 f"{where}: middleware {middleware.__name__} is a class; pass an instance "
                 f"({middleware.__name__}(...))"
+            )
+        # Checked by declaration, not by class: any settlement policy says so.
+        if getattr(middleware, "is_settlement_policy", False):
+            name = type(middleware).__name__
+            raise ValueError(
+                f"{where}: {name} is the settlement policy, not a middleware; "
+                f"pass it as settlement={name}(...)"
             )
         if not is_async_callable(middleware):
             raise TypeError(

@@ -28,21 +28,21 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, cast
 
 import trio
 
 from ._chain import _IN_WORKER
-from ._message import Message, Settlement
+from ._message import Batch, Message
 
 if TYPE_CHECKING:
     from ._chain import Middleware
     from ._consumer import Consumer
     from ._transport import Channel, Delivery, DeliveryCallback
 
-__all__ = ["Batch", "BatchCollector", "BulkConfig", "check_bulk"]
+__all__ = ["BatchCollector", "BulkConfig", "check_bulk"]
 
 logger = logging.getLogger("asyncworker")
 
@@ -87,123 +87,17 @@ def check_bulk(
             f"bulk_flush_interval must be a finite number of seconds > 0, got "
             f"{bulk_flush_interval!r}: it is how long a partial batch waits for more messages"
         )
-    from .middlewares.retry import Retry
-
     for middleware in middlewares:
-        if isinstance(middleware, Retry):
+        # A middleware declares that it cannot handle a Batch (as Retry does);
+        # the core checks the declaration, never the class.
+        if not getattr(middleware, "supports_bulk", True):
+            name = type(middleware).__name__
             raise TypeError(
-                "Retry does not support bulk routes (it retries one message at a time): "
-                "remove it from this route (and from the App's middlewares), or retry "
-                "failed messages inside the bulk handler"
+                f"{name} does not support bulk routes (it works on one message at a time): "
+                "remove it from this route (and from the App's middlewares), or do its job "
+                "inside the bulk handler"
             )
     return BulkConfig(size=bulk_size, flush_interval=float(bulk_flush_interval))
-
-
-class Batch(list[Message]):
-    """The messages a bulk handler receives: a ``list[Message]`` of one queue.
-
-    Besides being a list, a batch answers the few attributes the settlement
-    policy and the standard middlewares read on a message, so that they work
-    on bulk routes unchanged:
-
-    * ``queue``, ``vhost``: where every message of the batch came from;
-    * ``delivery_tag``: the delivery tag of the last message;
-    * ``redelivered``: whether any message was delivered before;
-    * ``settled``: whether every message is settled;
-    * ``settlement``: the settlement shared by every message, or None while
-      any is unsettled or when they were settled differently;
-    * ``state``: a dict for middlewares to pass per-batch data along.
-
-    Settle single messages with ``message.ack()`` / ``message.reject()``
-    inside the handler; the settlement policy settles the others.
-    """
-
-    __slots__ = ("_collector", "queue", "state", "vhost")
-
-    def __init__(
-        self,
-        messages: Iterable[Message] = (),
-        *,
-        queue: str,
-        vhost: str,
-        collector: BatchCollector | None = None,
-    ) -> None:
-        super().__init__(messages)
-        #: The queue of every message in the batch.
-        self.queue = queue
-        #: Its vhost.
-        self.vhost = vhost
-        #: A dict for middlewares and handlers to pass per-batch data along.
-        self.state: dict[str, Any] = {}
-        self._collector = collector
-
-    def __repr__(self) -> str:
-        return f"<Batch queue={self.queue!r} vhost={self.vhost!r} size={len(self)}>"
-
-    @property
-    def delivery_tag(self) -> int:
-        """The delivery tag of the last message (0 for an empty batch)."""
-        return self[-1].delivery_tag if self else 0
-
-    @property
-    def redelivered(self) -> bool:
-        """Whether any message of the batch was delivered before."""
-        return any(message.redelivered for message in self)
-
-    @property
-    def settled(self) -> bool:
-        """Whether every message of the batch is settled."""
-        return all(message.settled for message in self)
-
-    @property
-    def settlement(self) -> Settlement | None:
-        """The settlement shared by every message; None if any is unsettled or they differ."""
-        kinds = {message.settlement for message in self}
-        return kinds.pop() if len(kinds) == 1 else None
-
-    def outcomes(self) -> dict[str, int]:
-        """How many messages were settled each way (``"unsettled"`` for the others)."""
-        counts: dict[str, int] = {}
-        for message in self:
-            key = message.settlement.value if message.settlement is not None else "unsettled"
-            counts[key] = counts.get(key, 0) + 1
-        return counts
-
-    def _settle(self, how: Settlement) -> bool:
-        """Settle every message not settled yet with ``how``; True if any was."""
-        if how is Settlement.ACK and self._ack_all_at_once():
-            return True
-        done = False
-        for message in self:
-            done = message._settle(how) or done
-        return done
-
-    def _ack_all_at_once(self) -> bool:
-        """The ``basic.ack(multiple=True)`` fast path; False when it does not apply.
-
-        Safe only when every unacknowledged delivery of the channel up to the
-        last tag is in this batch: all messages unsettled, on one open channel,
-        with consecutive tags, and no other batch of the consumer in flight
-        (earlier batches were settled in full by the settlement policy, and the
-        buffered messages have higher tags).
-        """
-        collector = self._collector
-        if collector is None or collector._running != 1 or len(self) < 2:
-            return False
-        first = self[0]
-        channel = first._channel
-        if not channel.is_open:
-            return False
-        if self[-1].delivery_tag - first.delivery_tag != len(self) - 1:
-            return False
-        for message in self:
-            if message._settlement is not None or message._channel is not channel:
-                return False
-        channel.ack(self[-1].delivery_tag, True)
-        for message in self:
-            message._settlement = Settlement.ACK
-        first._tally.acked += len(self)
-        return True
 
 
 class BatchCollector:
@@ -217,7 +111,7 @@ class BatchCollector:
         self._lot = trio.lowlevel.ParkingLot()
         self._collecting = False
         #: Batches being handled right now.
-        self._running = 0
+        self.running = 0
 
     def delivery_callback(self, channel: Channel) -> DeliveryCallback:
         """The ``on_delivery`` of ``channel``: buffer, and wake the collector when needed."""
@@ -288,7 +182,7 @@ class BatchCollector:
             self._deadline = trio.current_time() + self._interval
         # Counted in flight at once, so that the consumer's drain waits for it.
         consumer._in_flight += len(batch)
-        self._running += 1
+        self.running += 1
         nursery = consumer._worker_nursery
         assert nursery is not None
         nursery.start_soon(self._run_batch, batch, name=f"asyncworker batch {consumer.queue!r}")
@@ -301,7 +195,7 @@ class BatchCollector:
         except Exception:  # pragma: no cover - AckRequeue swallows these
             logger.exception("unexpected error in the chain of bulk queue %r", consumer.queue)
         finally:
-            self._running -= 1
+            self.running -= 1
             consumer._in_flight -= len(batch)
             # As the consumer's workers do: wake its drain (wait_idle()).
             if consumer._in_flight == 0 and consumer._idle_waiter is not None:

@@ -26,7 +26,6 @@ from __future__ import annotations
 import collections
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import trio
@@ -35,6 +34,7 @@ from ._bulk import BatchCollector
 from ._chain import _IN_WORKER
 from ._exceptions import AsyncWorkerError, ChannelClosed, ConnectionClosed, QueueNotFound
 from ._message import Message, _Tally
+from ._statistics import ConsumerStatistics
 from ._util import sleep_unless, wait_first
 
 if TYPE_CHECKING:
@@ -42,7 +42,7 @@ if TYPE_CHECKING:
     from ._chain import CallNext
     from ._transport import Channel, Connection, Delivery
 
-__all__ = ["ConsumerStatistics"]
+__all__ = ["Consumer"]
 
 logger = logging.getLogger("asyncworker")
 
@@ -50,33 +50,6 @@ logger = logging.getLogger("asyncworker")
 _IDLE_SECONDS = 10.0
 #: Bounds of the delay between attempts to consume a queue that is missing.
 _MISSING_QUEUE_RETRY = (1.0, 30.0)
-
-
-@dataclass(frozen=True, slots=True)
-class ConsumerStatistics:
-    """A snapshot of one consumer (one queue of one vhost)."""
-
-    #: The queue consumed.
-    queue: str
-    #: Its vhost.
-    vhost: str
-    #: Whether a ``basic.consume`` is registered on the broker right now.
-    consuming: bool
-    #: Messages delivered since the App started.
-    received: int
-    #: Handlers running now.
-    in_flight: int
-    #: Messages delivered and waiting for a worker.
-    waiting: int
-    #: Worker tasks alive (each holds one limiter token).
-    workers: int
-    acked: int
-    requeued: int
-    rejected: int
-    #: Messages whose channel closed before they were settled (redelivered by the broker).
-    lost: int
-    #: Why the consumer is not consuming, when it is not.
-    problem: str | None
 
 
 class Consumer:
@@ -396,4 +369,5 @@ class Consumer:
             rejected=tally.rejected,
             lost=tally.lost,
             problem=self._problem,
+            route=self.route.name,
         )

@@ -33,8 +33,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import trio
 
 from ._exceptions import StartupError
-from ._util import is_async_callable, only_leaf
-from .middlewares.ack_requeue import _split_cancelled
+from ._util import is_async_callable, only_leaf, split_cancelled
 
 if TYPE_CHECKING:
     from ._app import App, _Route
@@ -213,7 +212,7 @@ class Lifecycle:
             except BaseException as exc:
                 # A failure grouped with the Cancelled of a shutdown is still
                 # the task's own: logged, never raised into serve().
-                cancelled, failure = _split_cancelled(exc)
+                cancelled, failure = split_cancelled(exc)
                 if failure is None:
                     raise
                 logger.error(

@@ -1,19 +1,32 @@
-"""The message a handler receives, and its settlement."""
+"""What a chain carries: a ``Message``, or on a bulk route a ``Batch`` of them.
+
+Both satisfy ``Settleable``, the protocol the settlement policy and the
+standard middlewares are written against, so the type checker sees both
+branches of a middleware that handles either.  ``AppHandle`` is what a
+message knows of the App that consumed it (``message.app``): the few things
+a handler or a middleware may do with it, publish and declare included,
+without this layer importing the App.
+
+Settlement is synchronous on purpose: it only queues a frame for the
+transport's writer, so a cancelled handler or a shutdown cannot interrupt it
+half-way.
+"""
 
 from __future__ import annotations
 
 import enum
 import json
 import logging
-from typing import TYPE_CHECKING, Any
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any, Protocol
 
 from ._exceptions import MessageDecodeError
 
 if TYPE_CHECKING:
-    from ._app import App
+    from ._statistics import AppStatistics
     from ._transport import Channel, Delivery, Properties
 
-__all__ = ["Message", "Settlement"]
+__all__ = ["AppHandle", "Batch", "Message", "Settleable", "Settlement"]
 
 logger = logging.getLogger("asyncworker")
 
@@ -30,6 +43,104 @@ class Settlement(enum.Enum):
     #: Not settled here: the channel that delivered it closed first, so the
     #: broker already put it back in its queue and will deliver it again.
     LOST = "lost"
+
+
+class AppHandle(Protocol):
+    """The App as a message sees it (``message.app``): what handlers and middlewares use.
+
+    ``App`` satisfies it; ``Retry`` publishes and declares through it.
+    """
+
+    #: Application state shared by handlers (database pools, clients, ...).
+    state: dict[str, Any]
+
+    @property
+    def url(self) -> str:
+        """The broker URL, with the password masked."""
+        ...
+
+    async def publish(
+        self,
+        body: bytes | str | Any,
+        *,
+        routing_key: str,
+        exchange: str = "",
+        vhost: str | None = None,
+        headers: dict[str, Any] | None = None,
+        properties: Properties | None = None,
+        persistent: bool = True,
+        mandatory: bool = False,
+        timeout: float = 30.0,
+    ) -> None:
+        """Publish a message and wait for the broker's confirmation (``App.publish``)."""
+        ...
+
+    async def declare_queue(
+        self,
+        name: str,
+        *,
+        vhost: str | None = None,
+        durable: bool = True,
+        arguments: dict[str, Any] | None = None,
+    ) -> None:
+        """Declare a queue (``App.declare_queue``)."""
+        ...
+
+    async def shutdown(self) -> None:
+        """Stop gracefully (``App.shutdown``; from a handler it returns at once)."""
+        ...
+
+    def statistics(self) -> AppStatistics:
+        """A snapshot of the App's connections and consumers (``App.statistics``)."""
+        ...
+
+
+class Settleable(Protocol):
+    """What a chain carries, as the settlement policy and generic middlewares see it.
+
+    A ``Message``, or a ``Batch`` on a bulk route.  A middleware written for
+    both takes a type variable bound to ``Settleable`` and branches on
+    ``isinstance(message, Batch)`` where the two differ.
+    """
+
+    @property
+    def queue(self) -> str:
+        """The queue it came from."""
+        ...
+
+    @property
+    def vhost(self) -> str:
+        """The vhost of that queue."""
+        ...
+
+    @property
+    def delivery_tag(self) -> int:
+        """The delivery tag (of the last message, for a batch)."""
+        ...
+
+    @property
+    def redelivered(self) -> bool:
+        """Whether it (any message of it, for a batch) was delivered before."""
+        ...
+
+    @property
+    def settled(self) -> bool:
+        """Whether it is settled (every message of it, for a batch)."""
+        ...
+
+    @property
+    def settlement(self) -> Settlement | None:
+        """How it was settled; None while it is not (or, for a batch, when its messages differ)."""
+        ...
+
+    @property
+    def state(self) -> dict[str, Any]:
+        """A dict for middlewares and handlers to pass data along."""
+        ...
+
+    def _settle(self, how: Settlement) -> bool:
+        """Settle what is not settled yet with ``how`` (synchronous); True if anything was."""
+        ...
 
 
 class _Tally:
@@ -78,7 +189,7 @@ class Message:
         queue: str,
         vhost: str,
         channel: Channel,
-        app: App | None = None,
+        app: AppHandle | None = None,
         tally: _Tally | None = None,
     ) -> None:
         self._delivery = delivery
@@ -241,4 +352,119 @@ class Message:
         else:
             channel.reject(self._delivery.delivery_tag, False)
             tally.rejected += 1
+        return True
+
+
+class _BatchOwner(Protocol):
+    """What a ``Batch`` asks of the collector that made it."""
+
+    #: Batches of the consumer being handled right now.
+    @property
+    def running(self) -> int: ...
+
+
+class Batch(list[Message]):
+    """The messages a bulk handler receives: a ``list[Message]`` of one queue.
+
+    Besides being a list, a batch answers the few attributes the settlement
+    policy and the standard middlewares read on a message (it is
+    ``Settleable``), so that they work on bulk routes unchanged:
+
+    * ``queue``, ``vhost``: where every message of the batch came from;
+    * ``delivery_tag``: the delivery tag of the last message;
+    * ``redelivered``: whether any message was delivered before;
+    * ``settled``: whether every message is settled;
+    * ``settlement``: the settlement shared by every message, or None while
+      any is unsettled or when they were settled differently;
+    * ``state``: a dict for middlewares to pass per-batch data along.
+
+    Settle single messages with ``message.ack()`` / ``message.reject()``
+    inside the handler; the settlement policy settles the others.
+    """
+
+    __slots__ = ("_collector", "queue", "state", "vhost")
+
+    def __init__(
+        self,
+        messages: Iterable[Message] = (),
+        *,
+        queue: str,
+        vhost: str,
+        collector: _BatchOwner | None = None,
+    ) -> None:
+        super().__init__(messages)
+        #: The queue of every message in the batch.
+        self.queue = queue
+        #: Its vhost.
+        self.vhost = vhost
+        #: A dict for middlewares and handlers to pass per-batch data along.
+        self.state: dict[str, Any] = {}
+        self._collector = collector
+
+    def __repr__(self) -> str:
+        return f"<Batch queue={self.queue!r} vhost={self.vhost!r} size={len(self)}>"
+
+    @property
+    def delivery_tag(self) -> int:
+        """The delivery tag of the last message (0 for an empty batch)."""
+        return self[-1].delivery_tag if self else 0
+
+    @property
+    def redelivered(self) -> bool:
+        """Whether any message of the batch was delivered before."""
+        return any(message.redelivered for message in self)
+
+    @property
+    def settled(self) -> bool:
+        """Whether every message of the batch is settled."""
+        return all(message.settled for message in self)
+
+    @property
+    def settlement(self) -> Settlement | None:
+        """The settlement shared by every message; None if any is unsettled or they differ."""
+        kinds = {message.settlement for message in self}
+        return kinds.pop() if len(kinds) == 1 else None
+
+    def outcomes(self) -> dict[str, int]:
+        """How many messages were settled each way (``"unsettled"`` for the others)."""
+        counts: dict[str, int] = {}
+        for message in self:
+            key = message.settlement.value if message.settlement is not None else "unsettled"
+            counts[key] = counts.get(key, 0) + 1
+        return counts
+
+    def _settle(self, how: Settlement) -> bool:
+        """Settle every message not settled yet with ``how``; True if any was."""
+        if how is Settlement.ACK and self._ack_all_at_once():
+            return True
+        done = False
+        for message in self:
+            done = message._settle(how) or done
+        return done
+
+    def _ack_all_at_once(self) -> bool:
+        """The ``basic.ack(multiple=True)`` fast path; False when it does not apply.
+
+        Safe only when every unacknowledged delivery of the channel up to the
+        last tag is in this batch: all messages unsettled, on one open channel,
+        with consecutive tags, and no other batch of the consumer in flight
+        (earlier batches were settled in full by the settlement policy, and the
+        buffered messages have higher tags).
+        """
+        collector = self._collector
+        if collector is None or collector.running != 1 or len(self) < 2:
+            return False
+        first = self[0]
+        channel = first._channel
+        if not channel.is_open:
+            return False
+        if self[-1].delivery_tag - first.delivery_tag != len(self) - 1:
+            return False
+        for message in self:
+            if message._settlement is not None or message._channel is not channel:
+                return False
+        channel.ack(self[-1].delivery_tag, True)
+        for message in self:
+            message._settlement = Settlement.ACK
+        first._tally.acked += len(self)
         return True

@@ -3,6 +3,8 @@
 * ``only_leaf`` / ``raise_single``: trio's nurseries wrap an error in
   ``ExceptionGroup``\\ s, one per nursery it crossed; a user wants the error
   itself when there is only one.
+* ``split_cancelled``: a handler's failure apart from the shutdown's
+  cancellation it came with.
 * ``wait_first`` / ``sleep_unless``: the two ways the runtime waits for
   "this, or that stop signal".
 * ``is_async_callable``: what registration checks on handlers, hooks and
@@ -36,6 +38,7 @@ __all__ = [
     "only_leaf",
     "raise_single",
     "sleep_unless",
+    "split_cancelled",
     "wait_first",
 ]
 
@@ -78,6 +81,25 @@ def raise_single(group: BaseExceptionGroup[BaseException]) -> None:
         raise exc
     finally:
         exc.__context__, exc.__cause__, exc.__suppress_context__ = context, cause, suppress
+
+
+def split_cancelled(exc: BaseException) -> tuple[BaseException | None, Exception | None]:
+    """``(cancellation, failure)`` parts of what a handler (or a periodic task) raised.
+
+    A handler whose nursery is cancelled (shutdown past its grace period)
+    while one of its tasks fails raises ``BaseExceptionGroup([Cancelled,
+    ValueError])``: the cancellation goes on, the failure is the handler's and
+    must not reach the worker nursery (it would stop every queue).  The
+    failure is None when ``exc`` is none of that (KeyboardInterrupt, ...).
+    """
+    if isinstance(exc, Exception):
+        return None, exc
+    if isinstance(exc, BaseExceptionGroup):
+        cancelled, rest = exc.split(trio.Cancelled)
+        # What is left is an ExceptionGroup when every other error is an Exception.
+        if cancelled is not None and isinstance(rest, ExceptionGroup):
+            return cancelled, rest
+    return None, None
 
 
 async def wait_first(*waits: Callable[[], Awaitable[object]]) -> None:

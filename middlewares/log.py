@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
-from .._chain import CallNext
 from .._exceptions import HandlerTimeout
-from .._message import Message, Settlement
+from .._message import Batch, Message, Settleable, Settlement
 
 __all__ = ["Logging"]
 
@@ -18,6 +18,9 @@ _SETTLED = {
     Settlement.REJECT: "rejected",
     Settlement.LOST: "lost",
 }
+
+
+S = TypeVar("S", bound=Settleable)
 
 
 class Logging:
@@ -105,7 +108,7 @@ class Logging:
             f"log_body={self.log_body})"
         )
 
-    async def __call__(self, message: Message, call_next: CallNext) -> Any:
+    async def __call__(self, message: S, call_next: Callable[[S], Awaitable[Any]]) -> Any:
         start = time.perf_counter()
         try:
             result = await call_next(message)
@@ -124,13 +127,13 @@ class Logging:
         return result
 
     def _emit(
-        self, message: Message, outcome: str, start: float, exc: BaseException | None
+        self, message: Settleable, outcome: str, start: float, exc: BaseException | None
     ) -> None:
         level = self.level if exc is None else max(self.level, logging.WARNING)
         if not self.logger.isEnabledFor(level):
             return
         duration_ms = round((time.perf_counter() - start) * 1000, 3)
-        if isinstance(message, list):
+        if isinstance(message, Batch):
             self._emit_batch(message, outcome, duration_ms, exc)
             return
         extra: dict[str, Any] = {
@@ -154,7 +157,7 @@ class Logging:
             extra["error"] = _describe(exc)
             text += ": %s"
             args.append(extra["error"])
-        if self.log_body:
+        if self.log_body and isinstance(message, Message):
             body = message.body
             shown = body[: self.max_body].decode("utf-8", errors="replace")
             if len(body) > self.max_body:
@@ -165,7 +168,7 @@ class Logging:
         _log(self.logger, level, text, args, extra)
 
     def _emit_batch(
-        self, batch: list[Message], outcome: str, duration_ms: float, exc: BaseException | None
+        self, batch: Batch, outcome: str, duration_ms: float, exc: BaseException | None
     ) -> None:
         # A bulk route: one line per batch, with how its messages were settled
         # (the unsettled ones count as settled by the policy's success action).
@@ -176,8 +179,8 @@ class Logging:
                 key = "acked" if settled is None else _SETTLED[settled]
                 counts[key] = counts.get(key, 0) + 1
             outcome = ", ".join(f"{count} {key}" for key, count in sorted(counts.items()))
-        queue = getattr(batch, "queue", batch[0].queue if batch else "?")
-        vhost = getattr(batch, "vhost", batch[0].vhost if batch else "?")
+        queue = batch.queue
+        vhost = batch.vhost
         extra: dict[str, Any] = {
             "queue": queue,
             "vhost": vhost,

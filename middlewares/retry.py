@@ -7,13 +7,10 @@ import inspect
 import logging
 import math
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, Literal, TypeAlias
+from typing import Any, ClassVar, Literal, TypeAlias
 
 from .._chain import CallNext
-from .._message import Message
-
-if TYPE_CHECKING:
-    from .._app import App
+from .._message import AppHandle, Message
 
 __all__ = ["Retry"]
 
@@ -110,6 +107,9 @@ class Retry:
     """
 
     __slots__ = ("dead_letter", "delay", "max_attempts", "on_exhausted")
+
+    #: Retry republishes one message at a time: bulk routes refuse it.
+    supports_bulk: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -356,7 +356,9 @@ def _copy_headers(message: Message) -> dict[str, Any]:
     return headers
 
 
-async def _publish_copy(app: App, message: Message, queue: str, headers: dict[str, Any]) -> None:
+async def _publish_copy(
+    app: AppHandle, message: Message, queue: str, headers: dict[str, Any]
+) -> None:
     # mandatory: if the target queue vanished, the publish fails (Unroutable)
     # instead of the broker silently dropping the copy.
     await app.publish(
@@ -379,7 +381,7 @@ async def _ack_original(message: Message) -> None:
         )
 
 
-def _app_of(message: Message, exc: Exception) -> App:
+def _app_of(message: Message, exc: Exception) -> AppHandle:
     app = message.app
     if app is None:
         raise RuntimeError(

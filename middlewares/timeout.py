@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import math
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
 import trio
 
-from .._chain import CallNext
 from .._exceptions import HandlerTimeout
-from .._message import Message
+from .._message import Settleable
 
 __all__ = ["Timeout"]
+
+
+S = TypeVar("S", bound=Settleable)
 
 
 class Timeout:
@@ -48,7 +51,7 @@ class Timeout:
     def __repr__(self) -> str:
         return f"Timeout({self.seconds:g})"
 
-    async def __call__(self, message: Message, call_next: CallNext) -> Any:
+    async def __call__(self, message: S, call_next: Callable[[S], Awaitable[Any]]) -> Any:
         with trio.move_on_after(self.seconds):
             return await call_next(message)
         # Only reached when the scope caught its own cancellation: a

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
-from .._chain import CallNext
-from .._message import Message
+from .._message import Settleable
 from ..utils import Timeit, TimeitCallback
 
 __all__ = ["Timing"]
+
+
+S = TypeVar("S", bound=Settleable)
 
 
 class Timing:
@@ -54,7 +57,7 @@ class Timing:
     def __repr__(self) -> str:
         return f"Timing({self.callback!r}, name={self.name!r})"
 
-    async def __call__(self, message: Message, call_next: CallNext) -> Any:
+    async def __call__(self, message: S, call_next: Callable[[S], Awaitable[Any]]) -> Any:
         name = self.name if self.name is not None else message.queue
         timeit = self._timeits.get(name)
         if timeit is None:
