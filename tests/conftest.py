@@ -10,6 +10,14 @@ suite a second time against the installed wheel with
 ``ASYNCWORKER_TEST_INSTALLED=1``: then the run stops at once unless that
 ``asyncworker`` is the one in the interpreter's site-packages, so that a
 source tree on ``sys.path`` can never stand in for what users install.
+
+Fixtures shared by the suite:
+
+* ``broker``: a ``Broker`` helper on the real RabbitMQ (vhost ``/``);
+* ``mem``: a fresh ``MemoryBroker``, registered so that its ``url`` reaches it;
+* ``backend``: the contract suite's broker (``tests/contract/``), once per
+  backend: ``memory`` and ``rabbitmq`` (that parameter carries the
+  ``rabbitmq`` mark, so it skips or fails as above).  Both must answer alike.
 """
 
 from __future__ import annotations
@@ -23,7 +31,8 @@ import subprocess
 import sysconfig
 import uuid
 from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +40,9 @@ import pytest
 import trio
 
 import asyncworker
-from asyncworker._transport import Channel, ConnectionParams, Properties, connect
+from asyncworker import App
+from asyncworker._memory import MemoryBroker, register_broker, unregister_broker
+from asyncworker._transport import Channel, Connection, ConnectionParams, Properties, connect
 
 BROKER_HOST = os.environ.get("ASYNCWORKER_TEST_HOST", "127.0.0.1")
 BROKER_PORT = int(os.environ.get("ASYNCWORKER_TEST_PORT", "5672"))
@@ -56,6 +67,26 @@ def pytest_sessionstart(session: pytest.Session) -> None:
             f"ASYNCWORKER_TEST_INSTALLED=1, but asyncworker was imported from {imported}, "
             f"not from site-packages ({', '.join(map(str, sorted(installed)))}): run the suite "
             "from a directory without the source tree, e.g. a copy of tests/"
+        )
+
+
+CONTRACT_SUITE = Path(__file__).parent / "contract"
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    # A test in the contract suite that does not take ``backend`` would run on
+    # one broker only while claiming both answer alike.
+    stray = [
+        item.nodeid
+        for item in items
+        if item.path.is_relative_to(CONTRACT_SUITE)
+        and "backend" not in getattr(item, "fixturenames", ())
+    ]
+    if stray:
+        raise pytest.UsageError(
+            "tests/contract/ runs every test once per backend, and these do not take the "
+            f"`backend` fixture: {', '.join(stray)}; give them `backend: Backend`, or move "
+            "them out of tests/contract/"
         )
 
 
@@ -100,7 +131,8 @@ class Broker:
     """Direct access to the test broker through the transport seam: declare,
     publish, count, clean up.  Everything it declares is deleted afterwards."""
 
-    def __init__(self, channel: Channel, url: str) -> None:
+    def __init__(self, connection: Connection, channel: Channel, url: str) -> None:
+        self.connection = connection
         self.channel = channel
         self.url = url
         self.declared: list[str] = []
@@ -153,11 +185,13 @@ class Broker:
 
 
 @asynccontextmanager
-async def open_broker(url: str = BROKER_URL) -> AsyncIterator[Broker]:
-    async with connect(ConnectionParams.from_url(url)) as connection:
+async def open_broker(url: str = BROKER_URL, vhost: str | None = None) -> AsyncIterator[Broker]:
+    """A ``Broker`` on ``url`` (on ``vhost``, if given, instead of the URL's)."""
+    params = ConnectionParams.from_url(url, **({"vhost": vhost} if vhost is not None else {}))
+    async with connect(params) as connection:
         channel = await connection.channel()
         await channel.confirm_select()
-        broker = Broker(channel, url)
+        broker = Broker(connection, channel, url)
         try:
             yield broker
         finally:
@@ -177,6 +211,81 @@ async def broker() -> AsyncIterator[Broker]:
     """A confirm-mode channel on the real broker's vhost ``/``."""
     async with open_broker() as b:
         yield b
+
+
+@pytest.fixture
+def mem() -> Iterator[MemoryBroker]:
+    """A fresh ``MemoryBroker`` under a name of its own (``mem.url`` reaches it)."""
+    broker = MemoryBroker()
+    name = register_broker(broker)
+    try:
+        yield broker
+    finally:
+        unregister_broker(name)
+
+
+@dataclass
+class Backend:
+    """The broker a contract test runs on: ``memory`` or ``rabbitmq``.
+
+    ``url`` is what the App connects to; ``broker`` talks to the same broker
+    through the transport seam (declare, publish, count, get; its
+    ``connection`` opens more channels).
+    """
+
+    name: str
+    url: str
+    broker: Broker
+    memory: MemoryBroker | None = None
+
+    def app(self, prefetch_count: int = 16, **kwargs: Any) -> App:
+        """An App on this backend."""
+        return App(url=self.url, prefetch_count=prefetch_count, **kwargs)
+
+    @contextmanager
+    def vhost(self) -> Iterator[str]:
+        """A fresh vhost on this backend (guest may use it), deleted afterwards."""
+        if self.memory is not None:
+            name = unique("vhost")
+            self.memory.add_vhost(name)
+            yield name  # the memory broker goes away with the test
+        else:
+            with rabbitmq_vhost() as name:
+                yield name
+
+
+@pytest.fixture(params=["memory", pytest.param("rabbitmq", marks=pytest.mark.rabbitmq)])
+async def backend(request: pytest.FixtureRequest) -> AsyncIterator[Backend]:
+    """Each contract test once on a private memory broker, once on RabbitMQ."""
+    if request.param == "memory":
+        mem: MemoryBroker = request.getfixturevalue("mem")
+        async with open_broker(mem.url) as broker:
+            yield Backend("memory", mem.url, broker, mem)
+    else:
+        async with open_broker(BROKER_URL) as broker:
+            yield Backend("rabbitmq", BROKER_URL, broker)
+
+
+async def serve_until(app: App, condition: Any, timeout: float = 15) -> None:
+    """Serve ``app`` until ``condition()`` holds, then shut it down gracefully."""
+    async with trio.open_nursery() as nursery:
+        await nursery.start(app.serve)
+        try:
+            await wait_for(condition, timeout=timeout)
+        finally:
+            await app.shutdown()
+
+
+@asynccontextmanager
+async def serving(app: App) -> AsyncIterator[trio.Nursery]:
+    """Run ``app.serve`` in a nursery; shut it down gracefully on the way out."""
+    async with trio.open_nursery() as nursery:
+        await nursery.start(app.serve)
+        try:
+            yield nursery
+        finally:
+            with trio.CancelScope(shield=True), trio.fail_after(30):
+                await app.shutdown()
 
 
 def rabbitmqctl(*args: str) -> str:
@@ -221,8 +330,8 @@ def close_broker_connections(*names: str) -> None:
         rabbitmqctl("close_connection", pid, "closed by test")
 
 
-@pytest.fixture
-def vhost() -> Iterator[str]:
+@contextmanager
+def rabbitmq_vhost() -> Iterator[str]:
     """A fresh vhost on the real broker with guest allowed, deleted afterwards."""
     name = unique("vhost")
     rabbitmqctl("add_vhost", name)
@@ -231,6 +340,28 @@ def vhost() -> Iterator[str]:
         yield name
     finally:
         rabbitmqctl("delete_vhost", name)
+
+
+@pytest.fixture
+def vhost() -> Iterator[str]:
+    """A fresh vhost on the real broker with guest allowed, deleted afterwards."""
+    with rabbitmq_vhost() as name:
+        yield name
+
+
+async def http_get(url: str, path: str) -> tuple[int, bytes]:
+    """A minimal HTTP/1.1 GET over trio (the test needs no HTTP client library)."""
+    host, port = url.removeprefix("http://").rsplit(":", 1)
+    stream = await trio.open_tcp_stream(host, int(port))
+    async with stream:
+        await stream.send_all(
+            f"GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode()
+        )
+        data = b""
+        while chunk := await stream.receive_some(65536):
+            data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    return int(head.split()[1]), body
 
 
 async def wait_for(predicate: Any, timeout: float = 10.0, interval: float = 0.01) -> None:

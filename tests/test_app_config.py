@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from asyncworker import App, Message
+from asyncworker._memory import MemoryBroker
 from asyncworker.middlewares import AckRequeue, Action
 
 
@@ -129,25 +130,20 @@ def test_http_without_the_http_extra_says_how_to_install_it(
         App(http="127.0.0.1:8080")
 
 
-async def test_an_http_address_in_use_is_a_startup_error() -> None:
+async def test_an_http_address_in_use_is_a_startup_error(mem: MemoryBroker) -> None:
     import socket
 
     from asyncworker import StartupError
-    from asyncworker._memory import MemoryBroker, register_broker, unregister_broker
 
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        name = register_broker(MemoryBroker())
-        app = App(url=f"memory://{name}", http=f"127.0.0.1:{port}")
+        app = App(url=mem.url, http=f"127.0.0.1:{port}")
 
         @app.route(["q"], declare=True)
         async def handler(message: Message) -> None:
             pass
 
-        try:
-            with pytest.raises(StartupError, match=f"127.0.0.1:{port}"):
-                await app.serve()
-        finally:
-            unregister_broker(name)
+        with pytest.raises(StartupError, match=f"127.0.0.1:{port}"):
+            await app.serve()

@@ -1,33 +1,27 @@
-"""Bulk routes: batching on time (memory broker, virtual clock) and settlement (RabbitMQ)."""
+"""Bulk routes: batching on time (memory broker, virtual clock) and validation.
+
+(How batches are settled, on every backend: ``tests/contract/test_bulk.py``.)
+"""
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
 
 import pytest
 import trio
 import trio.testing
 
 from asyncworker import App, Message
-from asyncworker._memory import MemoryBroker, register_broker, unregister_broker
+from asyncworker._memory import MemoryBroker
 from asyncworker.middlewares import Logging, Retry, Timeout
 
-from .conftest import BROKER_URL, Broker, wait_for
+from .conftest import wait_for
 
 
 @pytest.fixture
 def anyio_backend() -> tuple[str, dict[str, object]]:
     # Virtual time: flush intervals take no wall-clock time.
     return ("trio", {"clock": trio.testing.MockClock(autojump_threshold=0)})
-
-
-@pytest.fixture
-def mem() -> Iterator[MemoryBroker]:
-    broker = MemoryBroker()
-    name = register_broker(broker)
-    yield broker
-    unregister_broker(name)
 
 
 Calls = list[tuple[float, list[bytes]]]
@@ -133,61 +127,3 @@ def test_bulk_validation_errors() -> None:
         App(url="memory://unused", prefetch_count=10, middlewares=[Retry()]).route(
             ["q"], bulk_size=5
         )(handler)
-
-
-# -- settlement on the real broker -------------------------------------------------
-
-
-@pytest.mark.rabbitmq
-@pytest.mark.parametrize("anyio_backend", ["trio"])
-async def test_batches_are_acked_on_rabbitmq(broker: Broker, anyio_backend: str) -> None:
-    queue = await broker.declare()
-    await broker.publish_many(queue, [b"m%d" % i for i in range(10)])
-    app = App(url=BROKER_URL, prefetch_count=8)
-    sizes: list[int] = []
-
-    @app.route([queue], bulk_size=4, bulk_flush_interval=0.2)
-    async def handler(messages: list[Message]) -> None:
-        sizes.append(len(messages))
-
-    with trio.fail_after(20):
-        async with trio.open_nursery() as nursery:
-            await nursery.start(app.serve)
-            await wait_for(lambda: sum(sizes) == 10)
-            await app.shutdown()
-    assert sizes[:2] == [4, 4] and sum(sizes) == 10
-    assert await broker.settled_count(queue, 0) == 0
-    consumer = app.statistics().consumers[0]
-    assert (consumer.acked, consumer.requeued, consumer.rejected) == (10, 0, 0)
-
-
-@pytest.mark.rabbitmq
-@pytest.mark.parametrize("anyio_backend", ["trio"])
-async def test_failing_batch_requeues_only_unsettled_messages(
-    broker: Broker, anyio_backend: str
-) -> None:
-    queue = await broker.declare()
-    await broker.publish_many(queue, [b"m%d" % i for i in range(4)])
-    app = App(url=BROKER_URL, prefetch_count=8)
-    batches: list[list[tuple[bytes, bool]]] = []
-
-    @app.route([queue], bulk_size=4, bulk_flush_interval=0.2)
-    async def handler(messages: list[Message]) -> None:
-        batches.append([(m.body, m.redelivered) for m in messages])
-        if len(batches) == 1:
-            by_body = {m.body: m for m in messages}
-            await by_body[b"m0"].ack()
-            await by_body[b"m1"].reject(requeue=False)
-            raise RuntimeError("boom")
-
-    with trio.fail_after(20):
-        async with trio.open_nursery() as nursery:
-            await nursery.start(app.serve)
-            await wait_for(lambda: len(batches) == 2)
-            await app.shutdown()
-    assert sorted(body for body, _ in batches[0]) == [b"m0", b"m1", b"m2", b"m3"]
-    # Only the two messages the handler did not settle came back, redelivered.
-    assert sorted(batches[1]) == [(b"m2", True), (b"m3", True)]
-    assert await broker.settled_count(queue, 0) == 0
-    consumer = app.statistics().consumers[0]
-    assert (consumer.acked, consumer.requeued, consumer.rejected) == (3, 2, 1)

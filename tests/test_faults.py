@@ -1,9 +1,10 @@
-"""Delivery guarantees under faults, against the real RabbitMQ.
+"""What only the real RabbitMQ can show: faults, signals, credentials.
 
 Connections killed with ``rabbitmqctl close_connection``, a broker restart,
 a deleted queue, SIGTERM under load, publisher confirms across a reconnect,
-poison and unusual messages, a handler that blocks the event loop, and a
-shutdown while the broker is unreachable.
+the connections an App holds, bad credentials, and a shutdown while the
+broker is unreachable.  (What every backend must do alike is in
+``tests/contract/``.)
 
 Only ``test_nothing_lost_across_connection_kills_and_a_broker_restart``
 restarts the broker (``rabbitmqctl stop_app``/``start_app``): it disturbs
@@ -13,32 +14,17 @@ unreachable" case goes through a TCP proxy this file controls instead.
 
 from __future__ import annotations
 
-import datetime
-import decimal
-import logging
 import random
-import re
 import signal
 import subprocess
 import sys
 import textwrap
-import time
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
 import trio
 
-from asyncworker import (
-    App,
-    Backoff,
-    ConnectionEvent,
-    Message,
-    QueueNotFound,
-    Unroutable,
-)
-from asyncworker.middlewares import Retry
+from asyncworker import App, AuthenticationError, Backoff, ConnectionEvent, Message
 
 from .conftest import (
     BROKER_HOST,
@@ -49,6 +35,7 @@ from .conftest import (
     close_broker_connections,
     open_broker,
     rabbitmqctl,
+    serving,
     unique,
     wait_for,
 )
@@ -138,18 +125,6 @@ async def _pipe(src: trio.SocketStream, dst: trio.SocketStream, done: trio.Cance
     except (trio.BrokenResourceError, trio.ClosedResourceError):
         pass
     done.cancel()
-
-
-@asynccontextmanager
-async def serving(app: App) -> AsyncIterator[trio.Nursery]:
-    """Run ``app.serve`` in a nursery; shut it down on the way out."""
-    async with trio.open_nursery() as nursery:
-        await nursery.start(app.serve)
-        try:
-            yield nursery
-        finally:
-            with trio.CancelScope(shield=True), trio.fail_after(30):
-                await app.shutdown()
 
 
 # -- 1. connection kills and a broker restart under load -----------------------------
@@ -338,38 +313,7 @@ async def test_consumer_retries_a_channel_error_without_a_reconnect(
             assert app.statistics().reconnects == {"/": 0}
 
 
-# -- 4. publisher confirms ----------------------------------------------------------------
-
-
-async def test_publish_returns_once_confirmed(broker: Broker) -> None:
-    queue = await broker.declare("confirm")
-    app = App(url=BROKER_URL)
-    # Not serving: a short-lived connection of its own.
-    with trio.fail_after(10):
-        await app.publish({"n": 1}, routing_key=queue)
-        assert await broker.count(queue) == 1
-    delivery = await broker.channel.get(queue, no_ack=True)
-    assert delivery is not None and delivery.body == b'{"n":1}'
-    assert delivery.properties.content_type == "application/json"
-    assert delivery.properties.delivery_mode == 2
-
-
-async def test_publish_errors_are_clear_and_fast(broker: Broker) -> None:
-    queue = await broker.declare("errors")
-    app = App(url=BROKER_URL)
-
-    @app.route([queue])
-    async def handler(message: Message) -> None:
-        pass
-
-    with trio.fail_after(20):
-        async with serving(app):
-            with trio.fail_after(5), pytest.raises(QueueNotFound, match="no-such-exchange"):
-                await app.publish(b"x", exchange="aw-no-such-exchange", routing_key="k")
-            with trio.fail_after(5), pytest.raises(Unroutable, match="NO_ROUTE"):
-                await app.publish(b"x", routing_key=unique("nowhere"), mandatory=True)
-            # The publisher channel recovered from the 404.
-            await app.publish(b"after", routing_key=unique("nowhere"))
+# -- 4. publishing across a fault ----------------------------------------------------------------
 
 
 async def test_publish_in_flight_across_a_connection_kill_is_retried(broker: Broker) -> None:
@@ -457,107 +401,24 @@ async def test_publishing_to_another_vhost_keeps_one_connection(broker: Broker, 
             await trio.sleep(0.1)
 
 
-# -- 5. bad input ---------------------------------------------------------------------
+# -- 5. credentials ----------------------------------------------------------------------
 
 
-async def test_bad_input_never_kills_the_worker_nor_loses_a_message(broker: Broker) -> None:
-    queue = await broker.declare("bad")
-    app = App(url=BROKER_URL, prefetch_count=8)
-    handled: dict[str, Message] = {}
+async def test_bad_credentials_fail_fast_without_the_password() -> None:
+    app = App(host="127.0.0.1", user="guest", password="s3cret-Pa55", prefetch_count=1)
 
-    @app.route([queue], middlewares=[Retry(max_attempts=2)])
+    @app.route(["whatever"])
     async def handler(message: Message) -> None:
-        kind = message.headers.get("kind", "")
-        if kind == "json":
-            message.json()
-        handled[kind] = message
+        pass
 
-    headers = {
-        "kind": "headers",
-        "table": {"nested": {"deeper": "yes", "n": -300}},
-        "array": [1, "two", 3.5, True, {"k": "v"}, [1, 2]],
-        "bytes": bytearray(b"\x00\xffraw"),  # AMQP byte array ('x')
-        "decimal": decimal.Decimal("12.345"),
-        "timestamp": datetime.datetime(2024, 5, 17, 12, 30, tzinfo=datetime.UTC),
-        "flag": False,
-        "big": 2**40,
-        "none": None,
-    }
-    cases: list[tuple[str, bytes, dict[str, object]]] = [
-        ("json", b"\xff\xfe not json {", {"kind": "json"}),
-        ("headers", b"{}", headers),
-        ("empty", b"", {"kind": "empty"}),
-        ("1mb", random.randbytes(1024 * 1024), {"kind": "1mb"}),  # > frame_max: split frames
-        ("10mb", random.randbytes(10 * 1024 * 1024), {"kind": "10mb"}),
-    ]
-    with trio.fail_after(60):
-        async with serving(app):
-            for i, (_kind, body, hdrs) in enumerate(cases):
-                await broker.publish(queue, body, headers=hdrs)
-                await broker.publish(queue, b"after", headers={"kind": f"after-{i}"})
-                await wait_for(lambda i=i: f"after-{i}" in handled, timeout=20)
-            # The undecodable body was retried once, then dead-lettered.
-            await wait_for(lambda: broker.count(queue + ".dlq"), timeout=10)
-            await wait_for(lambda: all(s.in_flight == 0 for s in app.statistics().consumers))
-    assert "json" not in handled
-    dead = await broker.channel.get(queue + ".dlq", no_ack=True)
-    assert dead is not None and dead.body == cases[0][1]
-    assert "MessageDecodeError" in str(dead.properties.headers)
-    assert handled["headers"].headers == headers
-    assert handled["empty"].body == b""
-    assert handled["1mb"].body == cases[3][1]
-    assert handled["10mb"].body == cases[4][1]
-    assert await broker.settled_count(queue, 0) == 0
-    (stats,) = app.statistics().consumers
-    assert stats.lost == 0 and stats.requeued == 0
+    with trio.fail_after(15), pytest.raises(AuthenticationError) as info:
+        await app.serve()
+    text = str(info.value)
+    assert "s3cret-Pa55" not in text
+    assert "127.0.0.1" in text and "guest" in text
 
 
-async def test_header_values_round_trip_exactly(broker: Broker) -> None:
-    # pamqp 3.3 alone fails on ints in -128..-1, rounds floats to 32 bits and
-    # refuses bytes; the seam encodes header tables itself.
-    queue = await broker.declare("header-types")
-    headers = {"delta": -1, "small": -128, "ratio": 0.1, "raw": b"\x00\xff", "neg64": -(2**40)}
-    with trio.fail_after(10):
-        await broker.publish(queue, b"x", headers=headers)
-        delivery = await broker.channel.get(queue, no_ack=True)
-    assert delivery is not None and delivery.properties.headers is not None
-    received = delivery.properties.headers
-    assert received["delta"] == -1 and received["small"] == -128
-    assert received["ratio"] == 0.1
-    assert bytes(received["raw"]) == b"\x00\xff"
-    assert received["neg64"] == -(2**40)
-
-
-# -- 6. a handler that blocks the event loop ------------------------------------------------
-
-
-async def test_a_handler_blocking_the_loop_is_named(
-    broker: Broker, caplog: pytest.LogCaptureFixture
-) -> None:
-    queue = await broker.declare("blocking")
-    app = App(url=BROKER_URL, prefetch_count=2, loop_block_threshold=0.5)
-    done = trio.Event()
-
-    @app.route([queue])
-    async def sleepy_handler(message: Message) -> None:
-        time.sleep(1.5)  # the bug the watchdog names
-        done.set()
-
-    caplog.set_level(logging.WARNING, logger="asyncworker")
-    with trio.fail_after(20):
-        async with serving(app):
-            await broker.publish(queue, b"x")
-            await done.wait()
-            await wait_for(lambda: any("blocked" in r.getMessage() for r in caplog.records))
-    (record,) = [r for r in caplog.records if "event loop was blocked" in r.getMessage()]
-    text = record.getMessage()
-    assert "sleepy_handler" in text and queue in text
-    seconds = float(re.search(r"blocked for at least ([0-9.]+) s", text)[1])  # type: ignore[index]
-    assert 1.3 <= seconds <= 2.0
-    assert "trio.to_thread.run_sync" in text
-
-
-# -- 7. shutdown while the broker is unreachable ---------------------------------------------
+# -- 6. shutdown while the broker is unreachable ---------------------------------------------
 
 
 async def test_shutdown_during_reconnect_returns_within_grace_and_loses_nothing(

@@ -1,14 +1,15 @@
-"""Lifecycle hooks and periodic tasks (memory broker, virtual clock)."""
+"""Lifecycle hooks, periodic tasks and how `run()` exits (memory broker, virtual clock)."""
 
 from __future__ import annotations
 
 import datetime
 import logging
+import os
 import signal
 import subprocess
 import sys
 import textwrap
-from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -16,7 +17,7 @@ import trio
 import trio.testing
 
 from asyncworker import App, Message, StartupError
-from asyncworker._memory import MemoryBroker, register_broker, unregister_broker
+from asyncworker._memory import MemoryBroker
 
 from .conftest import wait_for
 
@@ -24,14 +25,6 @@ from .conftest import wait_for
 @pytest.fixture
 def anyio_backend() -> tuple[str, dict[str, object]]:
     return ("trio", {"clock": trio.testing.MockClock(autojump_threshold=0)})
-
-
-@pytest.fixture
-def mem() -> Iterator[MemoryBroker]:
-    broker = MemoryBroker()
-    name = register_broker(broker)
-    yield broker
-    unregister_broker(name)
 
 
 def make_app(mem: MemoryBroker, **kwargs: Any) -> tuple[App, list[bytes]]:
@@ -287,6 +280,39 @@ def test_run_exits_1_with_one_line_when_a_startup_hook_fails() -> None:
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, result.stderr
     assert "startup hook 'load_config' failed: KeyError: 'SETTING'" in lines[0]
+
+
+def test_unreachable_broker_exits_non_zero_with_one_clear_line(tmp_path: Path) -> None:
+    script = tmp_path / "worker.py"
+    script.write_text(
+        textwrap.dedent(
+            """
+            from asyncworker import App
+            app = App(host="127.0.0.1", port=1, user="guest", password="hunter2-secret",
+                      prefetch_count=4, connect_timeout=5)
+
+            @app.route(["q"])
+            async def handler(message):
+                pass
+
+            app.run()
+            """
+        )
+    )
+    result = subprocess.run(
+        [sys.executable, str(script)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ},
+        check=False,
+    )
+    assert result.returncode == 1
+    output = result.stdout + result.stderr
+    assert "hunter2-secret" not in output
+    assert "cannot start" in output and "127.0.0.1:1" in output
+    assert "connection refused" in output
+    assert "Traceback" not in output
 
 
 def test_state_is_a_plain_dict() -> None:

@@ -6,7 +6,6 @@ import math
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from typing import Any
 
 import pytest
 import trio
@@ -37,19 +36,6 @@ from asyncworker._transport import (
 )
 
 pytestmark = pytest.mark.anyio
-
-
-@pytest.fixture
-def anyio_backend() -> str:
-    return "trio"
-
-
-@pytest.fixture
-def mbroker() -> Any:
-    broker = MemoryBroker()
-    name = register_broker(broker)
-    yield broker
-    unregister_broker(name)
 
 
 @asynccontextmanager
@@ -99,16 +85,16 @@ async def settle() -> None:
     await trio.testing.wait_all_tasks_blocked()
 
 
-async def test_unknown_vhost_is_a_connect_error(mbroker: MemoryBroker) -> None:
+async def test_unknown_vhost_is_a_connect_error(mem: MemoryBroker) -> None:
     with pytest.raises(ConnectError, match="'nope'"):
-        async with opened(mbroker, "nope"):
+        async with opened(mem, "nope"):
             pass
-    mbroker.add_vhost("nope")
-    async with opened(mbroker, "nope") as conn:
+    mem.add_vhost("nope")
+    async with opened(mem, "nope") as conn:
         channel = await conn.channel()
         await channel.queue_declare("q")
-    assert mbroker.queue_names("nope") == ["q"]
-    assert mbroker.queue_names("/") == []
+    assert mem.queue_names("nope") == ["q"]
+    assert mem.queue_names("/") == []
 
 
 async def test_default_broker_registry() -> None:
@@ -128,8 +114,8 @@ async def test_default_broker_registry() -> None:
     unregister_broker("reg-test")
 
 
-async def test_routing_for_each_exchange_type(mbroker: MemoryBroker) -> None:
-    async with opened(mbroker) as conn:
+async def test_routing_for_each_exchange_type(mem: MemoryBroker) -> None:
+    async with opened(mem) as conn:
         ch = await conn.channel()
         for q in ("a", "b", "c"):
             await ch.queue_declare(q)
@@ -168,23 +154,23 @@ async def test_routing_for_each_exchange_type(mbroker: MemoryBroker) -> None:
         assert await bodies("c") == [b"d2", b"f1", b"t1", b"t2", b"t3"]
 
 
-async def test_predeclared_exchanges(mbroker: MemoryBroker) -> None:
-    async with opened(mbroker) as conn:
+async def test_predeclared_exchanges(mem: MemoryBroker) -> None:
+    async with opened(mem) as conn:
         ch = await conn.channel()
         for name in ("amq.direct", "amq.fanout", "amq.topic"):
             await ch.exchange_declare(name, passive=True)
         await ch.queue_declare("q")
         await ch.queue_bind("q", "amq.topic", "#")
         await ch.publish(b"x", exchange="amq.topic", routing_key="")
-        assert mbroker.queue_size("/", "q") == 1
-        assert mbroker.bindings("/", "q") == [("amq.topic", "#")]
+        assert mem.queue_size("/", "q") == 1
+        assert mem.bindings("/", "q") == [("amq.topic", "#")]
         with pytest.raises(ChannelClosed) as info:
             await ch.exchange_declare("amq.mine", "direct")
         assert info.value.reply_code == 403
 
 
-async def test_deliveries_fifo_tags_per_channel_from_one(mbroker: MemoryBroker) -> None:
-    async with opened(mbroker) as conn:
+async def test_deliveries_fifo_tags_per_channel_from_one(mem: MemoryBroker) -> None:
+    async with opened(mem) as conn:
         ch1 = await conn.channel()
         ch2 = await conn.channel()
         assert (ch1.channel_id, ch2.channel_id) == (1, 2)
@@ -206,16 +192,16 @@ async def test_deliveries_fifo_tags_per_channel_from_one(mbroker: MemoryBroker) 
         assert {d.consumer_tag for d in got2} == {"mine"}
         assert not got1[0].redelivered
         assert got1[0].exchange == "" and got1[0].routing_key == "q1"
-        assert mbroker.unacked_count("/", "q1") == 5
+        assert mem.unacked_count("/", "q1") == 5
         ch1.ack(5, multiple=True)
         ch2.ack(0, multiple=True)  # 0 + multiple: everything
-        assert mbroker.unacked_count("/", "q1") == 0
-        assert mbroker.unacked_count("/", "q2") == 0
-        assert mbroker.stats("/", "q1") == QueueStats(published=5, delivered=5, acked=5)
+        assert mem.unacked_count("/", "q1") == 0
+        assert mem.unacked_count("/", "q2") == 0
+        assert mem.stats("/", "q1") == QueueStats(published=5, delivered=5, acked=5)
 
 
-async def test_prefetch_limits_each_consumer(mbroker: MemoryBroker) -> None:
-    async with opened(mbroker) as conn:
+async def test_prefetch_limits_each_consumer(mem: MemoryBroker) -> None:
+    async with opened(mem) as conn:
         ch = await conn.channel()
         await ch.queue_declare("q")
         await ch.qos(2)
@@ -226,8 +212,8 @@ async def test_prefetch_limits_each_consumer(mbroker: MemoryBroker) -> None:
         first = await inbox.take(2)
         await settle()
         assert inbox.pending() == []
-        assert mbroker.queue_size("/", "q") == 3
-        assert mbroker.unacked_count("/", "q") == 2
+        assert mem.queue_size("/", "q") == 3
+        assert mem.unacked_count("/", "q") == 2
         ch.ack(first[0].delivery_tag)
         assert (await inbox.next()).body == b"2"
         await settle()
@@ -239,8 +225,8 @@ async def test_prefetch_limits_each_consumer(mbroker: MemoryBroker) -> None:
         assert [d.body for d in await unlimited.take(2)] == [b"3", b"4"]
 
 
-async def test_round_robin_between_consumers(mbroker: MemoryBroker) -> None:
-    async with opened(mbroker) as conn:
+async def test_round_robin_between_consumers(mem: MemoryBroker) -> None:
+    async with opened(mem) as conn:
         ch = await conn.channel()
         await ch.queue_declare("q")
         a, b = Inbox(), Inbox()
@@ -252,8 +238,8 @@ async def test_round_robin_between_consumers(mbroker: MemoryBroker) -> None:
         assert [d.body for d in await b.take(3)] == [b"1", b"3", b"5"]
 
 
-async def test_ack_inside_callback_is_not_reentrant(mbroker: MemoryBroker) -> None:
-    async with opened(mbroker) as conn:
+async def test_ack_inside_callback_is_not_reentrant(mem: MemoryBroker) -> None:
+    async with opened(mem) as conn:
         ch = await conn.channel()
         await ch.queue_declare("q")
         await ch.qos(1)
@@ -281,8 +267,8 @@ async def test_ack_inside_callback_is_not_reentrant(mbroker: MemoryBroker) -> No
         assert seen == [str(i).encode() for i in range(50)]
 
 
-async def test_reject_requeues_to_head_redelivered(mbroker: MemoryBroker) -> None:
-    async with opened(mbroker) as conn:
+async def test_reject_requeues_to_head_redelivered(mem: MemoryBroker) -> None:
+    async with opened(mem) as conn:
         ch = await conn.channel()
         await ch.queue_declare("q")
         for body in (b"a", b"b", b"c"):
@@ -297,12 +283,12 @@ async def test_reject_requeues_to_head_redelivered(mbroker: MemoryBroker) -> Non
             bodies.append((d.body, d.redelivered))
             ch.reject(d.delivery_tag, requeue=False)
         assert bodies == [(b"a", True), (b"b", True), (b"c", False)]
-        stats = mbroker.stats("/", "q")
+        stats = mem.stats("/", "q")
         assert stats.requeued == 2 and stats.rejected == 5 and stats.dead_lettered == 0
 
 
-async def test_classic_requeue_restores_original_position(mbroker: MemoryBroker) -> None:
-    async with opened(mbroker) as conn:
+async def test_classic_requeue_restores_original_position(mem: MemoryBroker) -> None:
+    async with opened(mem) as conn:
         ch = await conn.channel()
         await ch.queue_declare("q")
         for body in (b"1", b"2", b"3", b"4"):
@@ -312,8 +298,8 @@ async def test_classic_requeue_restores_original_position(mbroker: MemoryBroker)
         ch.reject(d3.delivery_tag)
         ch.reject(d1.delivery_tag)  # goes before 3: original position
         ch.reject(d2.delivery_tag)
-        assert [m.body for m in mbroker.ready_messages("/", "q")] == [b"1", b"2", b"3", b"4"]
-        assert [m.redelivered for m in mbroker.ready_messages("/", "q")] == [
+        assert [m.body for m in mem.ready_messages("/", "q")] == [b"1", b"2", b"3", b"4"]
+        assert [m.redelivered for m in mem.ready_messages("/", "q")] == [
             True,
             True,
             True,
@@ -321,8 +307,8 @@ async def test_classic_requeue_restores_original_position(mbroker: MemoryBroker)
         ]
 
 
-async def test_unacked_requeued_on_channel_close(mbroker: MemoryBroker) -> None:
-    async with opened(mbroker) as conn:
+async def test_unacked_requeued_on_channel_close(mem: MemoryBroker) -> None:
+    async with opened(mem) as conn:
         ch = await conn.channel()
         await ch.queue_declare("q")
         for body in (b"a", b"b"):
@@ -330,7 +316,7 @@ async def test_unacked_requeued_on_channel_close(mbroker: MemoryBroker) -> None:
         inbox = Inbox()
         await ch.consume("q", inbox)
         await inbox.take(2)
-        assert mbroker.unacked_count("/", "q") == 2
+        assert mem.unacked_count("/", "q") == 2
         await ch.close()
         assert not ch.is_open
         assert isinstance(ch.close_reason, ChannelClosed)
@@ -338,16 +324,16 @@ async def test_unacked_requeued_on_channel_close(mbroker: MemoryBroker) -> None:
             ch.ack(1)
         with pytest.raises(ChannelClosed):
             await ch.get("q")
-        assert mbroker.unacked_count("/", "q") == 0
-        assert mbroker.queue_size("/", "q") == 2
+        assert mem.unacked_count("/", "q") == 0
+        assert mem.queue_size("/", "q") == 2
         ch2 = await conn.channel()
         d = await ch2.get("q")
         assert d is not None and d.body == b"a" and d.redelivered
         assert d.delivery_tag == 1
 
 
-async def test_unacked_requeued_on_connection_close(mbroker: MemoryBroker) -> None:
-    async with opened(mbroker) as conn:
+async def test_unacked_requeued_on_connection_close(mem: MemoryBroker) -> None:
+    async with opened(mem) as conn:
         ch = await conn.channel()
         await ch.queue_declare("q")
         await ch.publish(b"a", routing_key="q")
@@ -355,10 +341,10 @@ async def test_unacked_requeued_on_connection_close(mbroker: MemoryBroker) -> No
         await ch.consume("q", inbox)
         await inbox.next()
     assert not conn.is_open and not ch.is_open
-    assert mbroker.queue_size("/", "q") == 1
-    assert mbroker.unacked_count("/", "q") == 0
-    assert mbroker.consumer_count("/", "q") == 0
-    async with opened(mbroker) as conn2:
+    assert mem.queue_size("/", "q") == 1
+    assert mem.unacked_count("/", "q") == 0
+    assert mem.consumer_count("/", "q") == 0
+    async with opened(mem) as conn2:
         ch = await conn2.channel()
         d = await ch.get("q", no_ack=True)
         assert d is not None and d.redelivered
@@ -371,8 +357,8 @@ async def test_unacked_requeued_on_connection_close(mbroker: MemoryBroker) -> No
             await ch.wait_closed()
 
 
-async def test_dead_letter_on_reject_with_x_death(mbroker: MemoryBroker) -> None:
-    async with opened(mbroker) as conn:
+async def test_dead_letter_on_reject_with_x_death(mem: MemoryBroker) -> None:
+    async with opened(mem) as conn:
         ch = await conn.channel()
         await ch.exchange_declare("dlx", "fanout")
         await ch.queue_declare("dead")
@@ -397,7 +383,7 @@ async def test_dead_letter_on_reject_with_x_death(mbroker: MemoryBroker) -> None
         assert death["time"].tzinfo is not None
         assert headers["x-first-death-reason"] == "rejected"
         assert headers["x-first-death-queue"] == "work"
-        assert mbroker.stats("/", "work").dead_lettered == 1
+        assert mem.stats("/", "work").dead_lettered == 1
         # Dead-lettering again from the same queue for the same reason bumps the count.
         await ch.publish(dead.body, routing_key="work", properties=dead.properties)
         d = await ch.get("work")
@@ -409,8 +395,8 @@ async def test_dead_letter_on_reject_with_x_death(mbroker: MemoryBroker) -> None
         assert death["count"] == 2
 
 
-async def test_dead_letter_routing_key_and_missing_dlx(mbroker: MemoryBroker) -> None:
-    async with opened(mbroker) as conn:
+async def test_dead_letter_routing_key_and_missing_dlx(mem: MemoryBroker) -> None:
+    async with opened(mem) as conn:
         ch = await conn.channel()
         await ch.queue_declare("parking")
         await ch.queue_declare(
@@ -424,14 +410,14 @@ async def test_dead_letter_routing_key_and_missing_dlx(mbroker: MemoryBroker) ->
             d = await ch.get(q)
             assert d is not None
             ch.nack(d.delivery_tag, requeue=False)
-        assert mbroker.queue_size("/", "parking") == 1
-        assert mbroker.queue_size("/", "lost") == 0
+        assert mem.queue_size("/", "parking") == 1
+        assert mem.queue_size("/", "lost") == 0
         parked = await ch.get("parking", no_ack=True)
         assert parked is not None and parked.routing_key == "parking"
 
 
-async def test_quorum_delivery_count_and_limit(mbroker: MemoryBroker) -> None:
-    async with opened(mbroker) as conn:
+async def test_quorum_delivery_count_and_limit(mem: MemoryBroker) -> None:
+    async with opened(mem) as conn:
         ch = await conn.channel()
         await ch.queue_declare("dlq")
         await ch.queue_declare(
@@ -470,8 +456,8 @@ async def test_quorum_delivery_count_and_limit(mbroker: MemoryBroker) -> None:
         assert info.value.reply_code == 406
 
 
-async def test_connection_close_returns_each_message_once(mbroker: MemoryBroker) -> None:
-    async with opened(mbroker) as conn:
+async def test_connection_close_returns_each_message_once(mem: MemoryBroker) -> None:
+    async with opened(mem) as conn:
         ch1 = await conn.channel()
         ch2 = await conn.channel()
         await ch1.queue_declare("qq", arguments={"x-queue-type": "quorum"})
@@ -484,8 +470,8 @@ async def test_connection_close_returns_each_message_once(mbroker: MemoryBroker)
             await ch1.publish(body, routing_key="qq")
         await a.next()
         await b.next()
-    assert mbroker.stats("/", "qq").requeued == 2
-    async with opened(mbroker) as conn:
+    assert mem.stats("/", "qq").requeued == 2
+    async with opened(mem) as conn:
         ch = await conn.channel()
         got = []
         while (d := await ch.get("qq", no_ack=True)) is not None:
@@ -495,8 +481,8 @@ async def test_connection_close_returns_each_message_once(mbroker: MemoryBroker)
         assert got == [(b"1", 1), (b"2", 1), (b"3", 0)]
 
 
-async def test_missing_queue_and_exchange_are_404(mbroker: MemoryBroker) -> None:
-    async with opened(mbroker) as conn:
+async def test_missing_queue_and_exchange_are_404(mem: MemoryBroker) -> None:
+    async with opened(mem) as conn:
         cases: list[Callable[[Channel], Awaitable[object]]] = [
             lambda ch: ch.consume("nope", lambda d: None),
             lambda ch: ch.queue_declare("nope", passive=True),
@@ -528,8 +514,8 @@ async def test_missing_queue_and_exchange_are_404(mbroker: MemoryBroker) -> None
         assert conn.is_open
 
 
-async def test_redeclare_with_different_args_is_406(mbroker: MemoryBroker) -> None:
-    async with opened(mbroker) as conn:
+async def test_redeclare_with_different_args_is_406(mem: MemoryBroker) -> None:
+    async with opened(mem) as conn:
         ch = await conn.channel()
         await ch.queue_declare("q", arguments={"x-message-ttl": 1000})
         info = await ch.queue_declare("q", arguments={"x-message-ttl": 1000, "x-other": 1})
@@ -549,8 +535,8 @@ async def test_redeclare_with_different_args_is_406(mbroker: MemoryBroker) -> No
         assert exc.value.reply_code == 406
 
 
-async def test_unknown_delivery_tag_closes_channel_406(mbroker: MemoryBroker) -> None:
-    async with opened(mbroker) as conn:
+async def test_unknown_delivery_tag_closes_channel_406(mem: MemoryBroker) -> None:
+    async with opened(mem) as conn:
         ch = await conn.channel()
         await ch.queue_declare("q")
         await ch.publish(b"a", routing_key="q")
@@ -567,8 +553,8 @@ async def test_unknown_delivery_tag_closes_channel_406(mbroker: MemoryBroker) ->
         assert conn.is_open
 
 
-async def test_queue_delete_cancels_consumers(mbroker: MemoryBroker) -> None:
-    async with opened(mbroker) as conn:
+async def test_queue_delete_cancels_consumers(mem: MemoryBroker) -> None:
+    async with opened(mem) as conn:
         ch = await conn.channel()
         await ch.queue_declare("q")
         await ch.publish(b"a", routing_key="q")
@@ -581,14 +567,14 @@ async def test_queue_delete_cancels_consumers(mbroker: MemoryBroker) -> None:
         with trio.fail_after(5):
             await inbox.cancel_event.wait()
         assert inbox.cancelled == [tag]
-        assert "q" not in mbroker.queue_names("/")
+        assert "q" not in mem.queue_names("/")
         ch.ack(first.delivery_tag)  # still a valid tag on this channel
         assert ch.is_open
         assert await ch.queue_delete("q") == 0  # idempotent
 
 
-async def test_queue_delete_if_unused_if_empty_and_purge(mbroker: MemoryBroker) -> None:
-    async with opened(mbroker) as conn:
+async def test_queue_delete_if_unused_if_empty_and_purge(mem: MemoryBroker) -> None:
+    async with opened(mem) as conn:
         ch = await conn.channel()
         await ch.queue_declare("q")
         await ch.publish(b"a", routing_key="q")
@@ -605,8 +591,8 @@ async def test_queue_delete_if_unused_if_empty_and_purge(mbroker: MemoryBroker) 
         assert await (await conn.channel()).queue_purge("q") == 0  # both were delivered
 
 
-async def test_cancel_flushes_in_flight_deliveries(mbroker: MemoryBroker) -> None:
-    async with opened(mbroker) as conn:
+async def test_cancel_flushes_in_flight_deliveries(mem: MemoryBroker) -> None:
+    async with opened(mem) as conn:
         ch = await conn.channel()
         await ch.queue_declare("q")
         inbox = Inbox()
@@ -618,11 +604,11 @@ async def test_cancel_flushes_in_flight_deliveries(mbroker: MemoryBroker) -> Non
         await ch.publish(b"later", routing_key="q")
         await settle()
         assert inbox.pending() == []
-        assert mbroker.queue_size("/", "q") == 1
+        assert mem.queue_size("/", "q") == 1
 
 
-async def test_confirms_and_unroutable(mbroker: MemoryBroker) -> None:
-    async with opened(mbroker) as conn:
+async def test_confirms_and_unroutable(mem: MemoryBroker) -> None:
+    async with opened(mem) as conn:
         ch = await conn.channel()
         await ch.publish(b"x", routing_key="nowhere", mandatory=True)  # no confirms: dropped
         await ch.confirm_select()
@@ -637,11 +623,11 @@ async def test_confirms_and_unroutable(mbroker: MemoryBroker) -> None:
         await ch.publish(b"1", routing_key="small", mandatory=True)
         with pytest.raises(PublishNacked):
             await ch.publish(b"2", routing_key="small")
-        assert mbroker.queue_size("/", "small") == 1
+        assert mem.queue_size("/", "small") == 1
 
 
-async def test_max_length_drop_head_dead_letters(mbroker: MemoryBroker) -> None:
-    async with opened(mbroker) as conn:
+async def test_max_length_drop_head_dead_letters(mem: MemoryBroker) -> None:
+    async with opened(mem) as conn:
         ch = await conn.channel()
         await ch.queue_declare("overflow")
         await ch.queue_declare(
@@ -654,15 +640,15 @@ async def test_max_length_drop_head_dead_letters(mbroker: MemoryBroker) -> None:
         )
         for body in (b"1", b"2", b"3"):
             await ch.publish(body, routing_key="q")
-        assert [m.body for m in mbroker.ready_messages("/", "q")] == [b"2", b"3"]
-        (dropped,) = mbroker.ready_messages("/", "overflow")
+        assert [m.body for m in mem.ready_messages("/", "q")] == [b"2", b"3"]
+        (dropped,) = mem.ready_messages("/", "overflow")
         assert dropped.body == b"1"
         assert dropped.properties.headers is not None
         assert dropped.properties.headers["x-death"][0]["reason"] == "maxlen"
 
 
-async def test_exclusive_and_server_named_queues(mbroker: MemoryBroker) -> None:
-    async with opened(mbroker) as conn1, opened(mbroker) as conn2:
+async def test_exclusive_and_server_named_queues(mem: MemoryBroker) -> None:
+    async with opened(mem) as conn1, opened(mem) as conn2:
         ch1 = await conn1.channel()
         info = await ch1.queue_declare("", exclusive=True, durable=False)
         assert info.name.startswith("amq.gen-")
@@ -673,23 +659,23 @@ async def test_exclusive_and_server_named_queues(mbroker: MemoryBroker) -> None:
         # Publishing to it from another connection is allowed.
         ch2 = await conn2.channel()
         await ch2.publish(b"x", routing_key=info.name)
-        assert mbroker.queue_size("/", info.name) == 1
+        assert mem.queue_size("/", info.name) == 1
         await conn1.aclose()
-        assert info.name not in mbroker.queue_names("/")
+        assert info.name not in mem.queue_names("/")
 
 
-async def test_auto_delete_queue_goes_with_last_consumer(mbroker: MemoryBroker) -> None:
-    async with opened(mbroker) as conn:
+async def test_auto_delete_queue_goes_with_last_consumer(mem: MemoryBroker) -> None:
+    async with opened(mem) as conn:
         ch = await conn.channel()
         await ch.queue_declare("ad", auto_delete=True)
         tag = await ch.consume("ad", Inbox())
-        assert "ad" in mbroker.queue_names()
+        assert "ad" in mem.queue_names()
         await ch.cancel(tag)
-        assert "ad" not in mbroker.queue_names()
+        assert "ad" not in mem.queue_names()
 
 
-async def test_callback_error_closes_connection(mbroker: MemoryBroker) -> None:
-    async with opened(mbroker) as conn:
+async def test_callback_error_closes_connection(mem: MemoryBroker) -> None:
+    async with opened(mem) as conn:
         ch = await conn.channel()
         await ch.queue_declare("q")
 
@@ -701,11 +687,11 @@ async def test_callback_error_closes_connection(mbroker: MemoryBroker) -> None:
         with trio.fail_after(5):
             await conn.wait_closed()
         assert "boom" in str(conn.close_reason)
-    assert mbroker.queue_size("/", "q") == 1
+    assert mem.queue_size("/", "q") == 1
 
 
-async def test_wait_until_idle(mbroker: MemoryBroker) -> None:
-    async with opened(mbroker) as conn:
+async def test_wait_until_idle(mem: MemoryBroker) -> None:
+    async with opened(mem) as conn:
         ch = await conn.channel()
         await ch.queue_declare("q")
         seen = []
@@ -715,14 +701,14 @@ async def test_wait_until_idle(mbroker: MemoryBroker) -> None:
             ch.ack(delivery.delivery_tag)
 
         await ch.consume("q", handler)
-        version = mbroker.version
+        version = mem.version
         for i in range(10):
             await ch.publish(str(i).encode(), routing_key="q")
-        assert mbroker.version > version
+        assert mem.version > version
         with trio.fail_after(5):
-            await mbroker.wait_until_idle()
+            await mem.wait_until_idle()
         assert len(seen) == 10
-        assert mbroker.is_idle() and mbroker.is_idle("/")
+        assert mem.is_idle() and mem.is_idle("/")
 
 
 # -- TTL, under trio's MockClock --------------------------------------------------

@@ -1,4 +1,7 @@
-"""Health, metrics, settings from the environment and logging (real RabbitMQ where needed)."""
+"""Health across a dropped connection, settings from the environment, logging, passwords.
+
+(Health and metrics on every backend: ``tests/contract/test_operations.py``.)
+"""
 
 from __future__ import annotations
 
@@ -11,22 +14,15 @@ import trio
 from asyncworker import App, Backoff, Message
 from asyncworker._logging import JsonFormatter
 
-from .conftest import BROKER_URL, Broker, broker_connections, rabbitmqctl, unique, wait_for
-
-
-async def http_get(url: str, path: str) -> tuple[int, bytes]:
-    """A minimal HTTP/1.1 GET over trio (the test needs no HTTP client library)."""
-    host, port = url.removeprefix("http://").rsplit(":", 1)
-    stream = await trio.open_tcp_stream(host, int(port))
-    async with stream:
-        await stream.send_all(
-            f"GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode()
-        )
-        data = b""
-        while chunk := await stream.receive_some(65536):
-            data += chunk
-    head, _, body = data.partition(b"\r\n\r\n")
-    return int(head.split()[1]), body
+from .conftest import (
+    BROKER_URL,
+    Broker,
+    broker_connections,
+    http_get,
+    rabbitmqctl,
+    unique,
+    wait_for,
+)
 
 
 async def health_is(url: str, expected: int) -> bool:
@@ -36,15 +32,6 @@ async def health_is(url: str, expected: int) -> bool:
 def connection_pid(name: str) -> str | None:
     pids = [pid for named, (pid,) in broker_connections("pid") if named == name]
     return pids[0] if pids else None
-
-
-def metric(text: str, name: str, **labels: str) -> float:
-    wanted = ",".join(f'{key}="{value}"' for key, value in sorted(labels.items()))
-    prefix = f"{name}{{{wanted}}} " if labels else f"{name} "
-    for line in text.splitlines():
-        if line.startswith(prefix):
-            return float(line[len(prefix) :])
-    raise AssertionError(f"{prefix!r} not in the metrics:\n{text}")
 
 
 @pytest.mark.rabbitmq
@@ -80,68 +67,6 @@ async def test_health_flips_to_503_when_the_connection_drops_and_back(broker: Br
             await wait_for(lambda: health_is(url, 200), timeout=30)
             assert app.statistics().reconnects["/"] >= 1
             await app.shutdown()
-
-
-@pytest.mark.rabbitmq
-async def test_health_503_names_the_reason(broker: Broker) -> None:
-    app = App(url=BROKER_URL, http="127.0.0.1:0")
-    missing = broker.queue_name("missing")
-
-    @app.route([missing])
-    async def handler(message: Message) -> None:
-        pass
-
-    with trio.fail_after(30):
-        async with trio.open_nursery() as nursery:
-            await nursery.start(app.serve)
-            assert app.http_url is not None
-            code, body = await http_get(app.http_url, "/health/ready")
-            assert code == 503
-            reasons = json.loads(body)["reasons"]
-            assert reasons == [
-                f"queue {missing!r} in vhost '/': queue {missing!r} not found in vhost '/'"
-            ]
-            await app.shutdown()
-
-
-@pytest.mark.rabbitmq
-async def test_metrics_match_what_was_published_and_how_it_was_settled(broker: Broker) -> None:
-    queue = await broker.declare()
-    app = App(url=BROKER_URL, http="127.0.0.1:0")
-    handled: list[bytes] = []
-
-    @app.route([queue])
-    async def handler(message: Message) -> None:
-        handled.append(message.body)
-        if message.body == b"reject":
-            await message.reject(requeue=False)
-        elif message.body == b"requeue" and not message.redelivered:
-            await message.reject(requeue=True)
-
-    with trio.fail_after(30):
-        async with trio.open_nursery() as nursery:
-            await nursery.start(app.serve)
-            for body in (b"a", b"b", b"c", b"reject", b"requeue"):
-                await app.publish(body, routing_key=queue)
-            await wait_for(lambda: len(handled) == 6)
-            assert app.http_url is not None
-            code, raw = await http_get(app.http_url, "/metrics")
-            await app.shutdown()
-    assert code == 200
-    text = raw.decode()
-    labels = {"vhost": "/", "queue": queue}
-    assert metric(text, "asyncworker_messages_received_total", **labels) == 6
-    assert metric(text, "asyncworker_messages_acked_total", **labels) == 4
-    assert metric(text, "asyncworker_messages_requeued_total", **labels) == 1
-    assert metric(text, "asyncworker_messages_rejected_total", **labels) == 1
-    assert metric(text, "asyncworker_messages_lost_total", **labels) == 0
-    assert metric(text, "asyncworker_messages_in_flight", **labels) == 0
-    assert metric(text, "asyncworker_consumer_up", **labels) == 1
-    assert metric(text, "asyncworker_connection_up", vhost="/") == 1
-    assert metric(text, "asyncworker_reconnects_total", vhost="/") == 0
-    assert metric(text, "asyncworker_publishes_confirmed_total", vhost="/") == 5
-    route = "test_metrics_match_what_was_published_and_how_it_was_settled.<locals>.handler"
-    assert metric(text, "asyncworker_handler_duration_seconds_count", route=route, vhost="/") == 6
 
 
 # -- settings ---------------------------------------------------------------------------

@@ -1,25 +1,25 @@
-"""The memory broker answers like RabbitMQ: the same scenarios, through the
-transport seam, on both backends, compared with the same expected values."""
+"""The memory broker answers like RabbitMQ at the transport seam: the same
+scenarios on both backends, compared with the same expected values."""
 
 from __future__ import annotations
 
 import datetime
-from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 import pytest
 import trio
 
-from asyncworker._memory import MemoryBroker, register_broker, unregister_broker
-from asyncworker._transport import Channel, Connection, ConnectionParams, Delivery, connect
+from asyncworker._transport import Channel, Connection, Delivery, Properties
 
-from .conftest import BROKER_URL, unique, wait_for
+from ..conftest import Backend, unique, wait_for
 
 pytestmark = pytest.mark.anyio
 
 
 @dataclass
 class Side:
+    """Declare, publish and count on a backend's connection, a channel per call."""
+
     name: str
     conn: Connection
     queues: list[str] = field(default_factory=list)
@@ -33,8 +33,6 @@ class Side:
         return name
 
     async def publish(self, queue: str, *bodies: bytes, expiration: str | None = None) -> None:
-        from asyncworker._transport import Properties
-
         ch = await self.conn.channel()
         await ch.confirm_select()
         for body in bodies:
@@ -48,27 +46,10 @@ class Side:
         return info.message_count
 
 
-@pytest.fixture(params=["memory", pytest.param("rabbitmq", marks=pytest.mark.rabbitmq)])
-async def side(request: pytest.FixtureRequest) -> AsyncIterator[Side]:
-    name = None
-    if request.param == "memory":
-        name = register_broker(MemoryBroker())
-        params = ConnectionParams.from_url(f"memory://{name}")
-    else:
-        params = ConnectionParams.from_url(BROKER_URL)
-    try:
-        async with connect(params) as conn:
-            s = Side(request.param, conn)
-            try:
-                yield s
-            finally:
-                with trio.CancelScope(shield=True), trio.move_on_after(10):
-                    ch = await conn.channel()
-                    for queue in s.queues:
-                        await ch.queue_delete(queue)
-    finally:
-        if name is not None:
-            unregister_broker(name)
+@pytest.fixture
+def side(backend: Backend) -> Side:
+    """The backend's connection; what the test declares is deleted with ``backend``."""
+    return Side(backend.name, backend.broker.connection, backend.broker.declared)
 
 
 async def _get_all(ch: Channel, queue: str) -> list[Delivery]:

@@ -1,4 +1,4 @@
-"""The standard middlewares against the real RabbitMQ: what ends up where.
+"""The standard middlewares on every backend: what ends up where.
 
 Timeout requeues a slow handler's message, Retry counts attempts and
 dead-letters poison messages (with and without a delay, on classic and quorum
@@ -7,8 +7,6 @@ queues), and a swapped settlement policy rejects instead of requeueing.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from typing import Any
 
 import pytest
@@ -17,23 +15,13 @@ import trio
 from asyncworker import App, Message
 from asyncworker.middlewares import AckRequeue, Action, Retry, Timeout
 
-from .conftest import BROKER_URL, Broker, wait_for
+from ..conftest import Backend, Broker, serve_until, serving, wait_for
 
-pytestmark = [pytest.mark.rabbitmq, pytest.mark.anyio]
-
-
-def make_app(**kwargs: Any) -> App:
-    return App(url=BROKER_URL, prefetch_count=8, grace_period=1.0, **kwargs)
+pytestmark = pytest.mark.anyio
 
 
-@asynccontextmanager
-async def serving(app: App) -> AsyncIterator[None]:
-    async with trio.open_nursery() as nursery:
-        await nursery.start(app.serve)
-        try:
-            yield
-        finally:
-            await app.shutdown()
+def make_app(backend: Backend, **kwargs: Any) -> App:
+    return backend.app(prefetch_count=8, grace_period=1.0, **kwargs)
 
 
 def dead_lettered(caplog: pytest.LogCaptureFixture, queue: str) -> bool:
@@ -54,10 +42,12 @@ async def get_one(broker: Broker, queue: str) -> Any:
     return delivery
 
 
-async def test_timeout_requeues_a_slow_handler_message(broker: Broker) -> None:
+async def test_timeout_requeues_a_slow_handler_message(backend: Backend) -> None:
+    # Also was test_behaviour.py's test_timeout_requeues: the same scenario.
+    broker = backend.broker
     queue = await broker.declare("timeout")
     await broker.publish(queue, b"slow once")
-    app = make_app()
+    app = make_app(backend)
     deliveries: list[bool] = []
 
     @app.route([queue], middlewares=[Timeout(0.3)])
@@ -75,22 +65,28 @@ async def test_timeout_requeues_a_slow_handler_message(broker: Broker) -> None:
 
 
 async def test_retry_dead_letters_a_poison_message_after_max_attempts(
-    broker: Broker, caplog: pytest.LogCaptureFixture
+    backend: Backend, caplog: pytest.LogCaptureFixture
 ) -> None:
+    # Also was test_behaviour.py's test_retry_dead_letters_after_exactly_max_attempts
+    # (on_exhausted, and shutdown waiting for the dead-lettering).
+    broker = backend.broker
     queue = await broker.declare("poison")
     dlq = f"{queue}.dlq"
     await broker.publish(queue, b"poison", headers={"trace": "abc"}, message_id="m-1")
-    app = make_app()
+    app = make_app(backend)
     attempts: list[int] = []
+    exhausted = trio.Event()
 
-    @app.route([queue], middlewares=[Retry(3)])
+    @app.route([queue], middlewares=[Retry(3, on_exhausted=lambda m, e: exhausted.set())])
     async def handler(message: Message) -> None:
         attempts.append(message.headers.get("x-asyncworker-attempt", 1))
         raise ValueError("cannot parse order")
 
     with trio.fail_after(20):
-        async with serving(app):
-            await wait_for(lambda: dead_lettered(caplog, queue), timeout=15)
+        # on_exhausted runs before the dead-lettering: shutdown waits for the
+        # last attempt, dead-lettering included, to finish.
+        await serve_until(app, exhausted.is_set)
+        assert dead_lettered(caplog, queue)
         assert attempts == [1, 2, 3]
         assert await broker.count(queue) == 0
         assert await broker.count(dlq) == 1
@@ -104,12 +100,13 @@ async def test_retry_dead_letters_a_poison_message_after_max_attempts(
     assert headers["trace"] == "abc"
 
 
-async def test_retry_with_delay_goes_through_a_delay_queue(broker: Broker) -> None:
+async def test_retry_with_delay_goes_through_a_delay_queue(backend: Backend) -> None:
+    broker = backend.broker
     queue = await broker.declare("delay")
     retry_queue = f"{queue}.retry.200"
     broker.declared.append(retry_queue)  # deleted after the test
     await broker.publish(queue, b"flaky")
-    app = make_app()
+    app = make_app(backend)
     calls: list[tuple[float, dict[str, Any]]] = []
 
     @app.route([queue], middlewares=[Retry(5, delay=0.2)])
@@ -135,12 +132,13 @@ async def test_retry_with_delay_goes_through_a_delay_queue(broker: Broker) -> No
 
 
 async def test_retry_delay_function_and_exhaustion(
-    broker: Broker, caplog: pytest.LogCaptureFixture
+    backend: Backend, caplog: pytest.LogCaptureFixture
 ) -> None:
+    broker = backend.broker
     queue = await broker.declare("backoff")
     broker.declared += [f"{queue}.retry.100", f"{queue}.retry.200"]
     await broker.publish(queue, b"always fails")
-    app = make_app()
+    app = make_app(backend)
     calls = 0
 
     @app.route([queue], middlewares=[Retry(3, delay=lambda attempt: 0.1 * attempt)])
@@ -160,11 +158,12 @@ async def test_retry_delay_function_and_exhaustion(
 
 
 async def test_retry_outside_timeout_counts_timeouts(
-    broker: Broker, caplog: pytest.LogCaptureFixture
+    backend: Backend, caplog: pytest.LogCaptureFixture
 ) -> None:
+    broker = backend.broker
     queue = await broker.declare("retry-timeout")
     await broker.publish(queue, b"hangs")
-    app = make_app()
+    app = make_app(backend)
     calls = 0
 
     @app.route([queue], middlewares=[Retry(2), Timeout(0.2)])
@@ -183,11 +182,12 @@ async def test_retry_outside_timeout_counts_timeouts(
 
 
 async def test_retry_counts_quorum_redeliveries(
-    broker: Broker, caplog: pytest.LogCaptureFixture
+    backend: Backend, caplog: pytest.LogCaptureFixture
 ) -> None:
+    broker = backend.broker
     queue = await broker.declare("quorum", **{"x-queue-type": "quorum"})
     await broker.publish(queue, b"poison")
-    app = make_app()
+    app = make_app(backend)
     seen: list[tuple[Any, Any]] = []
 
     @app.route([queue], middlewares=[Retry(3)])
@@ -212,7 +212,8 @@ async def test_retry_counts_quorum_redeliveries(
     assert "x-delivery-count" not in dead.properties.headers
 
 
-async def test_retry_dlx_rejects_to_the_queue_dead_letter_exchange(broker: Broker) -> None:
+async def test_retry_dlx_rejects_to_the_queue_dead_letter_exchange(backend: Backend) -> None:
+    broker = backend.broker
     queue = broker.queue_name("dlx")
     dlq = f"{queue}.dlq"
     await broker.channel.queue_declare(dlq, durable=True)
@@ -222,7 +223,7 @@ async def test_retry_dlx_rejects_to_the_queue_dead_letter_exchange(broker: Broke
         arguments={"x-dead-letter-exchange": "", "x-dead-letter-routing-key": dlq},
     )
     await broker.publish(queue, b"poison")
-    app = make_app()
+    app = make_app(backend)
     calls = 0
 
     @app.route([queue], middlewares=[Retry(2, dead_letter="dlx")])
@@ -242,7 +243,10 @@ async def test_retry_dlx_rejects_to_the_queue_dead_letter_exchange(broker: Broke
 
 
 @pytest.mark.parametrize("where", ["app", "route"])
-async def test_settlement_reject_without_requeue(broker: Broker, where: str) -> None:
+async def test_settlement_reject_without_requeue(backend: Backend, where: str) -> None:
+    # Also was test_behaviour.py's test_reject_policy_dead_letters_through_the_dlx
+    # (the app-level case, with what the dead-lettered copy says).
+    broker = backend.broker
     queue = broker.queue_name("reject")
     dlq = f"{queue}.dlq"
     await broker.channel.queue_declare(dlq, durable=True)
@@ -253,7 +257,7 @@ async def test_settlement_reject_without_requeue(broker: Broker, where: str) -> 
     )
     await broker.publish(queue, b"bad")
     policy = AckRequeue(on_exception=Action.REJECT)
-    app = make_app(settlement=policy) if where == "app" else make_app()
+    app = make_app(backend, settlement=policy) if where == "app" else make_app(backend)
     calls = 0
 
     @app.route([queue], settlement=policy if where == "route" else None)
@@ -269,3 +273,9 @@ async def test_settlement_reject_without_requeue(broker: Broker, where: str) -> 
         assert calls == 1
         assert await broker.count(queue) == 0
         assert await broker.count(dlq) == 1
+        dead = await get_one(broker, dlq)
+    assert dead.body == b"bad"
+    death = dead.properties.headers["x-death"][0]
+    assert (death["reason"], death["queue"], death["count"]) == ("rejected", queue, 1)
+    (stats,) = app.statistics().consumers
+    assert (stats.rejected, stats.requeued) == (1, 0)
