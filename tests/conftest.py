@@ -147,6 +147,18 @@ class Broker:
         await self.channel.queue_declare(name, durable=True, arguments=arguments or None)
         return name
 
+    async def declare_dead_lettered(self, prefix: str = "q") -> tuple[str, str]:
+        """A queue whose dead-letter exchange routes to ``<queue>.dlq``: ``(queue, dlq)``."""
+        queue = self.queue_name(prefix)
+        dlq = f"{queue}.dlq"  # deleted with the queue
+        await self.channel.queue_declare(dlq, durable=True)
+        await self.channel.queue_declare(
+            queue,
+            durable=True,
+            arguments={"x-dead-letter-exchange": "", "x-dead-letter-routing-key": dlq},
+        )
+        return queue, dlq
+
     async def publish(
         self, queue: str, body: bytes, *, headers: dict[str, Any] | None = None, **props: Any
     ) -> None:

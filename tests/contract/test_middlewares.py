@@ -214,14 +214,7 @@ async def test_retry_counts_quorum_redeliveries(
 
 async def test_retry_dlx_rejects_to_the_queue_dead_letter_exchange(backend: Backend) -> None:
     broker = backend.broker
-    queue = broker.queue_name("dlx")
-    dlq = f"{queue}.dlq"
-    await broker.channel.queue_declare(dlq, durable=True)
-    await broker.channel.queue_declare(
-        queue,
-        durable=True,
-        arguments={"x-dead-letter-exchange": "", "x-dead-letter-routing-key": dlq},
-    )
+    queue, dlq = await broker.declare_dead_lettered("dlx")
     await broker.publish(queue, b"poison")
     app = make_app(backend)
     calls = 0
@@ -247,14 +240,7 @@ async def test_settlement_reject_without_requeue(backend: Backend, where: str) -
     # Also was test_behaviour.py's test_reject_policy_dead_letters_through_the_dlx
     # (the app-level case, with what the dead-lettered copy says).
     broker = backend.broker
-    queue = broker.queue_name("reject")
-    dlq = f"{queue}.dlq"
-    await broker.channel.queue_declare(dlq, durable=True)
-    await broker.channel.queue_declare(
-        queue,
-        durable=True,
-        arguments={"x-dead-letter-exchange": "", "x-dead-letter-routing-key": dlq},
-    )
+    queue, dlq = await broker.declare_dead_lettered("reject")
     await broker.publish(queue, b"bad")
     policy = AckRequeue(on_exception=Action.REJECT)
     app = make_app(backend, settlement=policy) if where == "app" else make_app(backend)
