@@ -186,7 +186,7 @@ def _free_port_pair() -> int:
     for _ in range(50):
         with socket.socket() as first:
             first.bind(("127.0.0.1", 0))
-            port = first.getsockname()[1]
+            port: int = first.getsockname()[1]
             if port >= 65535:
                 continue
             with socket.socket() as second:
