@@ -44,7 +44,7 @@ from ._message import Settleable as Settleable
 from ._message import Settlement as Settlement
 from ._statistics import AppStatistics as AppStatistics
 from ._statistics import ConsumerStatistics as ConsumerStatistics
-from ._transport import Properties as Properties
+from ._transports import Properties as Properties
 
 #: The installed version (from the distribution's metadata).
 __version__ = _util.VERSION

@@ -35,7 +35,7 @@ from ._lifecycle import Lifecycle, LifecycleMixin
 from ._logging import configure_logging
 from ._settlement import AckRequeue
 from ._statistics import AppStatistics
-from ._transport import Channel, Connection, ConnectionParams, Properties, connect, redact_url
+from ._transports import Channel, Connection, ConnectionParams, Properties, connect, redact_url
 from ._util import is_async_callable, only_leaf, sleep_unless, wait_first
 from ._watchdog import watch_loop
 

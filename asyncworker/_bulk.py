@@ -40,7 +40,7 @@ from ._message import Batch, Message
 if TYPE_CHECKING:
     from ._chain import Middleware
     from ._consumer import Consumer
-    from ._transport import Channel, Delivery, DeliveryCallback
+    from ._transports import Channel, Delivery, DeliveryCallback
 
 __all__ = ["BatchCollector", "BulkConfig", "check_bulk"]
 

@@ -229,7 +229,7 @@ def _user_frame(exc: BaseException) -> traceback.FrameSummary:
 
 def override_url(app: App, url: str) -> None:
     """Point ``app`` at ``url``, keeping its heartbeat, timeouts, name and TLS context."""
-    from ._transport import ConnectionParams, redact_url
+    from ._transports import ConnectionParams, redact_url
 
     old = app._params
     overrides: dict[str, Any] = {
@@ -393,7 +393,7 @@ def _run_workers(
 
 
 def _cmd_publish(args: argparse.Namespace) -> int:
-    from ._transport import ConnectionParams, redact_url
+    from ._transports import ConnectionParams, redact_url
 
     url = _resolve_url(args.url) or DEFAULT_URL
     try:
@@ -476,7 +476,7 @@ async def _publish(
 ) -> tuple[int, dict[str, int]]:
     """Publish ``count`` copies with confirms; return (confirmed, {reason: count})."""
     from ._exceptions import PublishError, Unroutable
-    from ._transport import Properties, connect
+    from ._transports import Properties, connect
 
     confirmed = 0
     refused: dict[str, int] = {}

@@ -40,7 +40,7 @@ from ._util import sleep_unless, wait_first
 if TYPE_CHECKING:
     from ._app import App, _Route
     from ._chain import CallNext
-    from ._transport import Channel, Connection, Delivery
+    from ._transports import Channel, Connection, Delivery
 
 __all__ = ["Consumer"]
 

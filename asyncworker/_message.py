@@ -24,7 +24,7 @@ from ._exceptions import MessageDecodeError
 
 if TYPE_CHECKING:
     from ._statistics import AppStatistics
-    from ._transport import Channel, Delivery, Properties
+    from ._transports import Channel, Delivery, Properties
 
 __all__ = ["AppHandle", "Batch", "Message", "Settleable", "Settlement"]
 

@@ -34,10 +34,10 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from ._memory import MemoryBroker as MemoryBroker
-from ._memory import QueueStats as QueueStats
-from ._memory import register_broker, unregister_broker
-from ._transport import Channel, ConnectionParams, Properties, connect
+from ._transports import Channel, ConnectionParams, Properties, connect
+from ._transports.memory import MemoryBroker as MemoryBroker
+from ._transports.memory import QueueStats as QueueStats
+from ._transports.memory import register_broker, unregister_broker
 from ._util import raise_single, wait_first
 
 if TYPE_CHECKING:

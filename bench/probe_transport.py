@@ -1,4 +1,4 @@
-"""Probe the raw throughput of the AMQP transport (``asyncworker._amqp``).
+"""Probe the raw throughput of the AMQP transport (``asyncworker._transports.amqp``).
 
 Pre-fills a durable queue with N persistent 100-byte messages, then consumes
 them with prefetch 256 and one ``basic.ack`` per message from an empty
@@ -19,8 +19,8 @@ import uuid
 
 import trio
 
-from asyncworker._amqp import connect
-from asyncworker._transport import ConnectionParams, Delivery, Properties
+from asyncworker._transports import ConnectionParams, Delivery, Properties
+from asyncworker._transports.amqp import connect
 
 
 async def fill(params: ConnectionParams, queue: str, count: int, size: int) -> None:

@@ -17,7 +17,7 @@ import sys
 import trio
 
 from asyncworker import App, Message
-from asyncworker._transport import ConnectionParams, connect
+from asyncworker._transports import ConnectionParams, connect
 
 URL = "amqp://guest:guest@127.0.0.1/"
 QUEUE = "aw-bench-scheduler-passes"
@@ -25,7 +25,7 @@ COUNT = 2000
 
 PUBLISHER = f"""
 import time, trio
-from asyncworker._transport import connect, ConnectionParams
+from asyncworker._transports import connect, ConnectionParams
 async def main():
     async with connect(ConnectionParams.from_url({URL!r})) as connection:
         channel = await connection.channel()

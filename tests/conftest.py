@@ -41,8 +41,8 @@ import trio
 
 import asyncworker
 from asyncworker import App
-from asyncworker._memory import MemoryBroker, register_broker, unregister_broker
-from asyncworker._transport import Channel, Connection, ConnectionParams, Properties, connect
+from asyncworker._transports import Channel, Connection, ConnectionParams, Properties, connect
+from asyncworker._transports.memory import MemoryBroker, register_broker, unregister_broker
 
 BROKER_HOST = os.environ.get("ASYNCWORKER_TEST_HOST", "127.0.0.1")
 BROKER_PORT = int(os.environ.get("ASYNCWORKER_TEST_PORT", "5672"))

@@ -22,14 +22,10 @@ from pamqp import frame as pframe
 from pamqp import header as pheader
 from pamqp import heartbeat as pheartbeat
 
-from asyncworker._amqp import (
-    AMQPChannel,
-    AMQPConnection,
-    _decode_properties,
-    _encode_properties,
-    _Rpc,
-)
-from asyncworker._transport import ConnectionParams, Delivery, Properties
+from asyncworker._transports import ConnectionParams, Delivery, Properties
+from asyncworker._transports.amqp.channel import AMQPChannel, _Rpc
+from asyncworker._transports.amqp.codec import decode_properties, encode_properties
+from asyncworker._transports.amqp.connection import AMQPConnection
 
 pytestmark = pytest.mark.anyio
 
@@ -201,7 +197,7 @@ def _array(*values: bytes) -> bytes:
 def _headers_of(table: bytes) -> Any:
     """Decode ``table`` as the headers property of a content header."""
     data = b"junk" + table + b"more"
-    return _decode_properties(data, 4, 0x2000).headers
+    return decode_properties(data, 4, 0x2000).headers
 
 
 def test_header_table_every_field_type() -> None:
@@ -293,8 +289,8 @@ def test_header_table_every_field_type() -> None:
 )
 def test_header_value_round_trip(value: Any) -> None:
     props = Properties(headers={"k": value, "next": "still aligned"})
-    raw = _encode_properties(props)
-    decoded = _decode_properties(raw, 2, int.from_bytes(raw[:2], "big"))
+    raw = encode_properties(props)
+    decoded = decode_properties(raw, 2, int.from_bytes(raw[:2], "big"))
     assert decoded == props
     if isinstance(value, decimal.Decimal):
         assert decoded.headers is not None and decoded.headers["k"] == value
@@ -313,7 +309,7 @@ def test_header_value_round_trip(value: Any) -> None:
 )
 def test_unencodable_header_value_is_a_type_error(value: Any) -> None:
     with pytest.raises(TypeError, match="cannot encode header/argument 'k'"):
-        _encode_properties(Properties(headers={"k": value}))
+        encode_properties(Properties(headers={"k": value}))
 
 
 def test_properties_agree_with_pamqp() -> None:
@@ -337,7 +333,7 @@ def test_properties_agree_with_pamqp() -> None:
     for _ in range(500):
         chosen = {k: v for k, v in values.items() if rng.random() < 0.5}
         raw = commands.Basic.Properties(**chosen).marshal()
-        got = _decode_properties(b"\x00" + raw, 3, int.from_bytes(raw[:2], "big"))
+        got = decode_properties(b"\x00" + raw, 3, int.from_bytes(raw[:2], "big"))
         expected = Properties(
             **{("type" if k == "message_type" else k): v for k, v in chosen.items()}
         )
@@ -350,7 +346,7 @@ def test_undecodable_property_values_do_not_kill_the_connection() -> None:
     bad_utf8 = b"\x05ab\xffcd"
     # content_type (invalid UTF-8), then timestamp (year > 9999), then app_id.
     data = bad_utf8 + struct.pack(">Q", 2**63 - 1) + b"\x02ok"
-    props = _decode_properties(data, 0, 0x8000 | 0x0040 | 0x0008)
+    props = decode_properties(data, 0, 0x8000 | 0x0040 | 0x0008)
     assert props.content_type == "ab\ufffdcd"
     assert props.app_id == "ok"
     table = _table(

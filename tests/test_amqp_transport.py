@@ -1,4 +1,4 @@
-"""The trio-native AMQP client (``asyncworker._amqp``) against the real broker."""
+"""The trio-native AMQP client (``asyncworker._transports.amqp``) against the real broker."""
 
 from __future__ import annotations
 
@@ -19,7 +19,6 @@ from pamqp import commands
 from pamqp import frame as pframe
 from pamqp.base import Frame as PamqpMethod
 
-from asyncworker._amqp import AMQPChannel, AMQPConnection, connect
 from asyncworker._exceptions import (
     AuthenticationError,
     ChannelClosed,
@@ -29,7 +28,8 @@ from asyncworker._exceptions import (
     QueueNotFound,
     Unroutable,
 )
-from asyncworker._transport import ConnectionParams, Delivery, Properties
+from asyncworker._transports import ConnectionParams, Delivery, Properties
+from asyncworker._transports.amqp import AMQPChannel, AMQPConnection, connect
 
 from .conftest import broker_connections, close_broker_connections
 
@@ -178,7 +178,7 @@ async def test_consume_and_ack_empties_queue() -> None:
     queue = qname()
     count = 500
     with trio.fail_after(20):
-        async with open_channel(queue) as (_, ch):
+        async with open_channel(queue) as (conn, ch):
             await ch.confirm_select()
 
             async def publish(i: int) -> None:
@@ -207,7 +207,7 @@ async def test_consume_and_ack_empties_queue() -> None:
             # processed before this declare.
             info = await ch.queue_declare(queue, passive=True)
             assert info.message_count == 0
-            ch2 = await ch._conn.channel()
+            ch2 = await conn.channel()
             assert await ch2.get(queue) is None
 
 
@@ -307,7 +307,7 @@ async def test_large_body_round_trip() -> None:
     queue = qname()
     body = bytes(range(256)) * (10 * 1024 * 1024 // 256)
     with trio.fail_after(30):
-        async with open_channel(queue) as (_, ch):
+        async with open_channel(queue) as (conn, ch):
             await ch.confirm_select()
             await ch.publish(body, routing_key=queue)
             got = await consume_acked(ch, queue)
@@ -315,7 +315,7 @@ async def test_large_body_round_trip() -> None:
             assert got[0].body == body
             # The same through basic.get.
             await ch.publish(body[:300_000], routing_key=queue)
-            ch2 = await ch._conn.channel()
+            ch2 = await conn.channel()
             fetched = await ch2.get(queue, no_ack=True)
             assert fetched is not None and fetched.body == body[:300_000]
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from asyncworker import App, Message
-from asyncworker._memory import MemoryBroker
+from asyncworker._transports.memory import MemoryBroker
 from asyncworker.middlewares import AckRequeue, Action
 
 

@@ -12,7 +12,7 @@ import trio
 import trio.testing
 
 from asyncworker import App, Message, PublishTimeout
-from asyncworker._memory import MemoryBroker
+from asyncworker._transports.memory import MemoryBroker
 
 
 def test_a_handler_ignoring_cancellation_is_reported(

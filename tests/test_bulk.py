@@ -12,7 +12,7 @@ import trio
 import trio.testing
 
 from asyncworker import App, Message
-from asyncworker._memory import MemoryBroker
+from asyncworker._transports.memory import MemoryBroker
 from asyncworker.middlewares import Logging, Retry, Timeout
 
 from .conftest import wait_for

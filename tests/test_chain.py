@@ -16,7 +16,7 @@ import trio.testing
 from asyncworker._chain import CallNext, Middleware, build_chain
 from asyncworker._exceptions import HandlerTimeout
 from asyncworker._message import Message
-from asyncworker._transport import Delivery, Properties
+from asyncworker._transports import Delivery, Properties
 from asyncworker.middlewares import AckRequeue, Action, Logging, Retry, Timeout, Timing
 
 # Marked here (not only by conftest after collection) so that anyio uses this

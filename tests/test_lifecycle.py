@@ -17,7 +17,7 @@ import trio
 import trio.testing
 
 from asyncworker import App, Message, StartupError
-from asyncworker._memory import MemoryBroker
+from asyncworker._transports.memory import MemoryBroker
 
 from .conftest import wait_for
 

@@ -1,4 +1,4 @@
-"""Direct tests of the in-memory broker (``asyncworker._memory``) through the transport seam."""
+"""Direct tests of the in-memory broker (``asyncworker._transports.memory``) through the seam."""
 
 from __future__ import annotations
 
@@ -19,20 +19,20 @@ from asyncworker._exceptions import (
     QueueNotFound,
     Unroutable,
 )
-from asyncworker._memory import (
-    MemoryBroker,
-    QueueStats,
-    get_broker,
-    register_broker,
-    unregister_broker,
-)
-from asyncworker._transport import (
+from asyncworker._transports import (
     Channel,
     Connection,
     ConnectionParams,
     Delivery,
     Properties,
     connect,
+)
+from asyncworker._transports.memory import (
+    MemoryBroker,
+    QueueStats,
+    get_broker,
+    register_broker,
+    unregister_broker,
 )
 
 pytestmark = pytest.mark.anyio

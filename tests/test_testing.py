@@ -236,7 +236,7 @@ def test_mock_clock_retry_delay_and_timeout_take_no_wall_time() -> None:
 
 
 async def test_memory_url_works_end_to_end_on_the_default_broker() -> None:
-    from asyncworker._memory import get_broker
+    from asyncworker._transports.memory import get_broker
 
     app = App(url="memory://", prefetch_count=4, grace_period=1.0)
     queue = "aw-test-memory-default"

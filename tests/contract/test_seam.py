@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 import pytest
 import trio
 
-from asyncworker._transport import Channel, Connection, Delivery, Properties
+from asyncworker._transports import Channel, Connection, Delivery, Properties
 
 from ..conftest import Backend, unique, wait_for
 

@@ -1,10 +1,16 @@
 """The transport seam: everything the runtime needs from a broker connection.
 
-Two transports implement it: ``_amqp`` (a trio-native AMQP 0-9-1 client on
-pamqp's codec, for ``amqp://`` and ``amqps://``) and ``_memory`` (the embedded
-in-memory broker, for ``memory://``).  The rest of asyncworker only sees the
-records and protocols defined here, and only the exceptions of
-``asyncworker._exceptions``.
+The records (``Properties``, ``Delivery``, ``QueueInfo``), the callback
+types and the ``Channel``/``Connection`` protocols that both transports
+implement: ``amqp`` (a trio-native AMQP 0-9-1 client on pamqp's codec, for
+``amqp://`` and ``amqps://``) and ``memory`` (the embedded in-memory broker,
+for ``memory://``).  The rest of asyncworker only sees what is defined here
+and in ``params``, and only the exceptions of ``asyncworker._exceptions``;
+``asyncworker._transports.connect()`` picks the implementation.
+
+A leaf: it imports only the standard library, ``asyncworker._exceptions``
+and its sibling ``params`` (itself a leaf).  The implementations import it;
+it never imports them.
 
 Rules every transport follows:
 
@@ -25,22 +31,22 @@ Rules every transport follows:
 from __future__ import annotations
 
 import datetime
-import re
-import ssl as _ssl
 from collections.abc import Callable, Mapping
-from contextlib import AbstractAsyncContextManager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Protocol
-from urllib.parse import quote, unquote, urlsplit
+
+from .._exceptions import ChannelClosed, ConnectionClosed
+from .params import ConnectionParams
 
 __all__ = [
+    "CancelCallback",
     "Channel",
     "Connection",
-    "ConnectionParams",
     "Delivery",
+    "DeliveryCallback",
     "Properties",
     "QueueInfo",
-    "connect",
+    "fresh",
 ]
 
 
@@ -85,93 +91,6 @@ class QueueInfo:
     name: str
     message_count: int
     consumer_count: int
-
-
-@dataclass(frozen=True, slots=True)
-class ConnectionParams:
-    """Where and how to connect.  ``repr`` never shows the password."""
-
-    scheme: str = "amqp"  # "amqp", "amqps" or "memory"
-    host: str = "127.0.0.1"
-    port: int = 5672
-    user: str = "guest"
-    password: str = field(default="guest", repr=False)
-    vhost: str = "/"
-    heartbeat: int = 60
-    ssl: _ssl.SSLContext | None = None
-    connect_timeout: float = 10.0
-    frame_max: int = 131072
-    client_name: str = "asyncworker"
-
-    @classmethod
-    def from_url(cls, url: str, **overrides: Any) -> ConnectionParams:
-        """Parse ``amqp://user:pass@host:port/vhost``, ``amqps://...`` or ``memory://name``.
-
-        An empty path means vhost ``/``; ``%2F`` encodes a ``/`` in a vhost name.
-        """
-        parts = urlsplit(url)
-        scheme = parts.scheme.lower()
-        if scheme not in ("amqp", "amqps", "memory"):
-            raise ValueError(
-                f"unsupported URL scheme {parts.scheme!r} in {redact_url(url)!r}: "
-                "use amqp://, amqps:// or memory://"
-            )
-        if scheme == "memory":
-            return cls(scheme="memory", host=parts.netloc or "default", port=0, **overrides)
-        userinfo = url.partition("://")[2].rpartition("@")[0]
-        if any(char in userinfo for char in "/?#"):
-            # urlsplit would cut the password there and connect elsewhere.
-            raise ValueError(
-                f"cannot parse {redact_url(url)!r}: percent-encode '/', '?' and '#' in the "
-                "user name and password (as %2F, %3F and %23)"
-            )
-        try:
-            port = parts.port
-        except ValueError as exc:
-            raise ValueError(f"invalid port in {redact_url(url)!r}") from exc
-        values: dict[str, Any] = {
-            "scheme": scheme,
-            "host": parts.hostname or "127.0.0.1",
-            "port": port or (5671 if scheme == "amqps" else 5672),
-            "vhost": unquote(parts.path[1:]) if len(parts.path) > 1 else "/",
-        }
-        if parts.username is not None:
-            values["user"] = unquote(parts.username)
-        if parts.password is not None:
-            values["password"] = unquote(parts.password)
-        if scheme == "amqps" and "ssl" not in overrides:
-            values["ssl"] = _ssl.create_default_context()
-        values.update(overrides)
-        return cls(**values)
-
-    @property
-    def display(self) -> str:
-        """``user@host:port/vhost`` for logs and errors, without the password."""
-        if self.scheme == "memory":
-            return f"memory://{self.host} vhost {self.vhost!r}"
-        return f"{self.scheme}://{self.user}@{self.host}:{self.port} vhost {self.vhost!r}"
-
-    def url(self) -> str:
-        """The URL of these parameters, with the password replaced by ``***``."""
-        if self.scheme == "memory":
-            return f"memory://{self.host}"
-        return (
-            f"{self.scheme}://{quote(self.user, safe='')}:***@{self.host}:{self.port}/"
-            f"{quote(self.vhost, safe='')}"
-        )
-
-
-_USERINFO = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*://[^:/@]*):.*@")
-
-
-def redact_url(url: str) -> str:
-    """Return ``url`` with any password replaced by ``***``.
-
-    Textual, up to the last ``@``: it also hides a password holding
-    characters that should have been percent-encoded (``/``, ``#``, ``?``),
-    which a URL parser would split elsewhere.
-    """
-    return _USERINFO.sub(r"\1:***@", url, count=1)
 
 
 #: Called with each delivery, from the transport's reader task.  Must not block.
@@ -317,16 +236,11 @@ class Connection(Protocol):
     async def aclose(self) -> None: ...
 
 
-def connect(params: ConnectionParams) -> AbstractAsyncContextManager[Connection]:
-    """Open a connection with the transport that ``params.scheme`` selects.
-
-    Raises ``ConnectError`` (or ``AuthenticationError``) with a message naming
-    the host, port and vhost if the connection cannot be opened.
-    """
-    if params.scheme == "memory":
-        from . import _memory
-
-        return _memory.connect(params)
-    from . import _amqp
-
-    return _amqp.connect(params)
+def fresh(exc: BaseException) -> BaseException:
+    """A new instance of a stored close reason, so that raising it from many
+    places does not pile every raise site onto one shared traceback."""
+    if isinstance(exc, ChannelClosed | ConnectionClosed):
+        new = type(exc)(exc.reply_text, exc.reply_code)
+        new.__cause__ = exc.__cause__
+        return new
+    return exc

@@ -1,0 +1,723 @@
+"""One AMQP channel: requests and their replies, consumers, confirms, settlement.
+
+``AMQPChannel`` implements the seam's ``Channel`` for the AMQP client.  It
+never touches the socket: what it sends goes, already encoded by ``codec``,
+into its connection's outgoing list for the writer task, and the reader task
+of ``connection`` calls its ``_on_*`` methods with what arrives for it: the
+hot frames decoded by hand, every other method frame through ``_on_method``.
+
+What it uses of its connection is spelt out by ``_Connection`` below: the
+connection module imports this one, never the other way round.  The hot
+settlement path (``ack``) works on the connection's writer state directly,
+as it did when both lived in one module: no call is added per message.
+
+Closing: ``_mark_closed(reason)`` runs once and fails every waiting request
+and unconfirmed publish with the reason; later operations raise a fresh copy
+of it (``ChannelClosed``, or ``ConnectionClosed`` when the connection died).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections import deque
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any, Final, Protocol, TypeVar
+
+import trio
+from pamqp import commands
+from pamqp.base import Frame as _PamqpMethod
+from pamqp.constants import FRAME_END, FRAME_METHOD
+from pamqp.exceptions import AMQPNotFound
+
+from ..._exceptions import (
+    ChannelClosed,
+    ConnectionClosed,
+    PublishNacked,
+    QueueNotFound,
+    Unroutable,
+)
+from ..base import (
+    CancelCallback,
+    Delivery,
+    DeliveryCallback,
+    Properties,
+    QueueInfo,
+    fresh,
+)
+from .codec import (
+    BASIC_ACK,
+    BASIC_CONSUME,
+    BASIC_NACK,
+    BASIC_REJECT,
+    DELIVER,
+    EXCHANGE_DECLARE,
+    GET_OK,
+    QUEUE_BIND,
+    QUEUE_DECLARE,
+    RETURN,
+    ProtocolError,
+    arguments_frame,
+    close_frame,
+    content_head,
+    decode_properties,
+    encode_publish,
+    method_frame,
+    settle_frame,
+    u16,
+)
+
+if TYPE_CHECKING:
+    from ..base import Channel
+
+__all__ = ["HIGH_WATER", "AMQPChannel"]
+
+log = logging.getLogger("asyncworker.amqp")
+
+#: An ack is written at once, without waking the writer, when nothing was
+#: written for this long (seconds); below that, acks share the writer's writes.
+_INLINE_SEND_GAP: Final = 0.0005
+#: ``publish`` waits for the writer once this many bytes are queued, so that a
+#: fast publisher cannot grow the outgoing buffer without bound.
+HIGH_WATER: Final = 4 * 1024 * 1024
+
+_M = TypeVar("_M", bound=_PamqpMethod)
+
+
+class _Connection(Protocol):
+    """What a channel uses of its connection (``connection.AMQPConnection``).
+
+    The writer's state is read and written directly by ``AMQPChannel.ack``
+    and ``publish``: ``_out`` (frames waiting for the writer), ``_out_size``
+    (publish bytes in it, for back-pressure), ``_wake`` (set while the
+    writer sleeps), ``_fd`` (the socket, or -1 on TLS), ``_last_send`` and
+    ``_now`` (the clock of the inline-ack decision).
+    """
+
+    _fd: int
+    _out: list[bytes | memoryview]
+    _out_size: int
+    _wake: trio.Event | None
+    _last_send: float
+    _frame_max: int
+    _now: Callable[[], float]
+
+    @property
+    def frame_max(self) -> int: ...
+
+    def _check_open(self) -> None: ...
+
+    def _push(self, frame: bytes) -> None: ...
+
+    def _push_many(self, frames: list[bytes | memoryview]) -> None: ...
+
+    def _wake_writer(self) -> None: ...
+
+    async def _wait_drained(self) -> None: ...
+
+    def _new_consumer_tag(self, channel_id: int) -> str: ...
+
+    def _release(self, channel_id: int) -> None: ...
+
+
+def channel_error(reply_text: str, reply_code: int) -> ChannelClosed:
+    """The exception for a ``channel.close`` from the broker (``QueueNotFound`` for 404)."""
+    if reply_code == AMQPNotFound.value:
+        return QueueNotFound(reply_text, reply_code)
+    return ChannelClosed(reply_text, reply_code)
+
+
+# --------------------------------------------------------------------------
+# Waiters
+
+
+class _Rpc:
+    """One synchronous request waiting for its reply."""
+
+    __slots__ = ("error", "event", "expect", "result")
+
+    def __init__(self, expect: tuple[type[_PamqpMethod], ...]) -> None:
+        self.expect = expect
+        self.event = trio.Event()
+        self.result: Any = None
+        self.error: BaseException | None = None
+
+
+class _Confirm:
+    """One published message waiting for its ``basic.ack``/``basic.nack``."""
+
+    __slots__ = ("body", "error", "event", "exchange", "mandatory", "routing_key")
+
+    def __init__(self, exchange: str, routing_key: str, body: bytes, mandatory: bool) -> None:
+        self.event = trio.Event()
+        self.error: BaseException | None = None
+        self.exchange = exchange
+        self.routing_key = routing_key
+        self.body = body
+        self.mandatory = mandatory
+
+
+# --------------------------------------------------------------------------
+# Channel
+
+
+class AMQPChannel:
+    """One AMQP channel of an ``AMQPConnection`` (implements ``Channel``).
+
+    Synchronous methods (declarations, ``qos``, ``consume``, ...) are serialised
+    by a lock: AMQP allows one outstanding synchronous request per channel.
+    """
+
+    def __init__(self, connection: _Connection, channel_id: int) -> None:
+        self._conn = connection
+        self._id = channel_id
+        self._lock = trio.Lock()
+        self._rpcs: deque[_Rpc] = deque()
+        self._reason: BaseException | None = None
+        self._closing = False
+        self._closed_event = trio.Event()
+        self._consumers: dict[str, tuple[DeliveryCallback, CancelCallback | None]] = {}
+        self._confirm = False
+        self._next_seq = 1
+        self._unconfirmed: dict[int, _Confirm] = {}
+        # Content being assembled: the method's fields, then the properties and
+        # body parts as the header and body frames arrive.
+        self._content: tuple[Any, ...] | None = None
+        self._props: Properties | None = None
+        self._body_size = 0
+        self._body_received = 0
+        self._body_parts: list[memoryview] = []
+
+    def __repr__(self) -> str:
+        state = "open" if self.is_open else f"closed ({self._reason})"
+        return f"<AMQPChannel {self._id} {state}>"
+
+    # -- state
+
+    @property
+    def channel_id(self) -> int:
+        """The channel number."""
+        return self._id
+
+    @property
+    def is_open(self) -> bool:
+        """True until the channel is closed (or is closing)."""
+        return self._reason is None and not self._closing
+
+    @property
+    def close_reason(self) -> BaseException | None:
+        """Why the channel closed (a ``ChannelClosed`` or ``ConnectionClosed``), or None."""
+        return self._reason
+
+    async def wait_closed(self) -> None:
+        """Return once the channel is closed, for whatever reason."""
+        await self._closed_event.wait()
+
+    def _check_open(self) -> None:
+        if self._reason is not None:
+            raise fresh(self._reason)
+        if self._closing:
+            raise ChannelClosed("the channel is closing")
+
+    def _mark_closed(self, reason: BaseException) -> None:
+        """Record why the channel closed and fail everything that waits on it."""
+        if self._reason is not None:
+            return
+        self._reason = reason
+        self._content = None
+        self._body_parts = []
+        while self._rpcs:
+            rpc = self._rpcs.popleft()
+            rpc.error = reason
+            rpc.event.set()
+        for confirm in self._unconfirmed.values():
+            confirm.error = reason
+            confirm.event.set()
+        self._unconfirmed.clear()
+        self._consumers.clear()
+        self._closed_event.set()
+
+    def _abandon(self) -> None:
+        """Close this channel without waiting: its opener gave up after channel.open."""
+        if self._reason is not None or self._closing:
+            return
+        self._closing = True
+        self._conn._push(close_frame(self._id))
+
+    # -- synchronous requests
+
+    async def _rpc(self, method: _PamqpMethod | bytes, expect: type[_M]) -> _M:
+        result = await self._rpc_any(method, (expect,))
+        assert isinstance(result, expect)
+        return result
+
+    async def _rpc_any(self, method: _PamqpMethod | bytes, expect: tuple[type[Any], ...]) -> Any:
+        """Send ``method`` (a pamqp method, or a method frame encoded by the
+        caller) and wait for the reply, which must be one of ``expect``."""
+        if isinstance(method, bytes):
+            frame = method
+            if self._conn.frame_max and len(frame) > self._conn.frame_max:
+                raise ValueError(
+                    f"method frame of {len(frame)} bytes exceeds frame_max "
+                    f"{self._conn.frame_max}: the arguments are too large"
+                )
+        else:
+            frame = method_frame(self._id, method)
+        async with self._lock:
+            self._check_open()
+            self._conn._check_open()
+            rpc = self._request(frame, expect)
+            await rpc.event.wait()
+        if rpc.error is not None:
+            raise fresh(rpc.error)
+        return rpc.result
+
+    def _request(self, frame: bytes, expect: tuple[type[Any], ...]) -> _Rpc:
+        """Queue a waiter for the reply, then send ``frame``.
+
+        The waiter stays queued even if its caller gives up: replies arrive in
+        request order, so an abandoned waiter must still absorb its reply
+        instead of letting the next request take it.
+        """
+        rpc = _Rpc(expect)
+        self._rpcs.append(rpc)
+        self._conn._push(frame)
+        return rpc
+
+    def _on_reply(self, method: _PamqpMethod | None, result: Any) -> None:
+        """Complete the oldest waiting request with ``result``."""
+        if not self._rpcs:
+            log.warning("channel %d: unexpected %s from the broker", self._id, method)
+            return
+        rpc = self._rpcs.popleft()
+        if method is not None and not isinstance(method, rpc.expect):
+            rpc.error = ChannelClosed(
+                f"protocol error: expected {'/'.join(t.__name__ for t in rpc.expect)}, "
+                f"got {method.name}"
+            )
+        else:
+            rpc.result = result
+        rpc.event.set()
+
+    # -- Channel protocol
+
+    async def qos(self, prefetch_count: int) -> None:
+        """Set the prefetch count of this channel (``basic.qos``)."""
+        await self._rpc(commands.Basic.Qos(prefetch_count=prefetch_count), commands.Basic.QosOk)
+
+    async def consume(
+        self,
+        queue: str,
+        on_delivery: DeliveryCallback,
+        on_cancel: CancelCallback | None = None,
+        *,
+        consumer_tag: str = "",
+        exclusive: bool = False,
+        arguments: Mapping[str, Any] | None = None,
+    ) -> str:
+        """Start a consumer; return its tag.
+
+        Raises ``QueueNotFound`` (and the channel is closed) if the queue does
+        not exist.
+        """
+        # Choose the tag ourselves so that the callback is registered before
+        # the first delivery can arrive (deliveries may follow consume-ok in
+        # the very same read).
+        tag = consumer_tag or self._conn._new_consumer_tag(self._id)
+        if tag in self._consumers:
+            raise ValueError(f"consumer tag {tag!r} is already in use on this channel")
+        self._consumers[tag] = (on_delivery, on_cancel)
+        try:
+            # no-local, no-ack, exclusive, no-wait
+            flags = (False, False, exclusive, False)
+            frame = arguments_frame(self._id, BASIC_CONSUME, (queue, tag), flags, arguments)
+            await self._rpc(frame, commands.Basic.ConsumeOk)
+        except BaseException:
+            self._consumers.pop(tag, None)
+            raise
+        return tag
+
+    async def cancel(self, consumer_tag: str) -> None:
+        """``basic.cancel``; returns once the broker answered ``cancel-ok``.
+
+        Deliveries already in flight may still arrive before that.
+        """
+        try:
+            await self._rpc(
+                commands.Basic.Cancel(consumer_tag=consumer_tag), commands.Basic.CancelOk
+            )
+        finally:
+            self._consumers.pop(consumer_tag, None)
+
+    def ack(self, delivery_tag: int, multiple: bool = False) -> None:
+        """Acknowledge a delivery (queued for the writer, no wait)."""
+        if self._reason is not None or self._closing:
+            self._check_open()
+        conn = self._conn
+        frame = settle_frame.pack(
+            FRAME_METHOD, self._id, 13, BASIC_ACK, delivery_tag, multiple, FRAME_END
+        )
+        if conn._wake is not None:
+            # The writer is idle: send at once if nothing was sent lately
+            # (a moderate rate, where waking the writer would cost a whole
+            # scheduler pass per message); at high rates, leave it to the
+            # writer, which sends all the acks of a pass in one write.
+            if conn._fd >= 0 and not conn._out:
+                now = conn._now()
+                if now - conn._last_send > _INLINE_SEND_GAP:
+                    try:
+                        sent = os.write(conn._fd, frame)
+                    except OSError:
+                        sent = 0  # the writer will meet the error and fail the connection
+                    conn._last_send = now
+                    if sent == len(frame):
+                        return
+                    frame = frame[sent:]
+            conn._out.append(frame)
+            conn._wake_writer()
+        else:
+            conn._out.append(frame)
+
+    def reject(self, delivery_tag: int, requeue: bool = True) -> None:
+        """Reject a delivery, requeueing it or not (dead-lettering it if configured)."""
+        self._check_open()
+        self._conn._push(
+            settle_frame.pack(
+                FRAME_METHOD, self._id, 13, BASIC_REJECT, delivery_tag, requeue, FRAME_END
+            )
+        )
+
+    def nack(self, delivery_tag: int, multiple: bool = False, requeue: bool = True) -> None:
+        """Negatively acknowledge one delivery (or all up to it, with ``multiple``)."""
+        self._check_open()
+        self._conn._push(
+            settle_frame.pack(
+                FRAME_METHOD,
+                self._id,
+                13,
+                BASIC_NACK,
+                delivery_tag,
+                multiple | (requeue << 1),
+                FRAME_END,
+            )
+        )
+
+    async def confirm_select(self) -> None:
+        """Turn on publisher confirms for this channel."""
+        if self._confirm:
+            return
+        await self._rpc(commands.Confirm.Select(), commands.Confirm.SelectOk)
+        self._confirm = True
+
+    async def publish(
+        self,
+        body: bytes,
+        *,
+        exchange: str = "",
+        routing_key: str = "",
+        properties: Properties | None = None,
+        mandatory: bool = False,
+    ) -> None:
+        """Publish a message.
+
+        In confirm mode, return once the broker confirmed it; raise
+        ``PublishNacked`` on a nack and ``Unroutable`` if a mandatory message
+        was returned.  Without confirms, return once it is queued.
+        """
+        self._check_open()
+        conn = self._conn
+        conn._check_open()
+        if conn._out_size > HIGH_WATER:
+            await conn._wait_drained()
+            self._check_open()
+            conn._check_open()
+        frames = encode_publish(
+            self._id, body, exchange, routing_key, properties, mandatory, conn._frame_max
+        )
+        if not self._confirm:
+            conn._push_many(frames)
+            await trio.lowlevel.checkpoint()
+            return
+        confirm = _Confirm(exchange, routing_key, body, mandatory)
+        # Sequence numbers count publishes in wire order, and the frames are
+        # queued synchronously right here, so the two cannot diverge.
+        self._unconfirmed[self._next_seq] = confirm
+        self._next_seq += 1
+        conn._push_many(frames)
+        await confirm.event.wait()
+        if confirm.error is not None:
+            raise fresh(confirm.error)
+
+    async def get(self, queue: str, *, no_ack: bool = False) -> Delivery | None:
+        """``basic.get``: one message, or None if the queue is empty."""
+        result = await self._rpc_any(
+            commands.Basic.Get(queue=queue, no_ack=no_ack),
+            (commands.Basic.GetOk, commands.Basic.GetEmpty),
+        )
+        assert result is None or isinstance(result, Delivery)
+        return result
+
+    async def queue_declare(
+        self,
+        queue: str,
+        *,
+        passive: bool = False,
+        durable: bool = True,
+        exclusive: bool = False,
+        auto_delete: bool = False,
+        arguments: Mapping[str, Any] | None = None,
+    ) -> QueueInfo:
+        """Declare a queue (``queue.declare``); an empty name lets the broker choose."""
+        # passive, durable, exclusive, auto-delete, no-wait
+        flags = (passive, durable, exclusive, auto_delete, False)
+        frame = arguments_frame(self._id, QUEUE_DECLARE, (queue,), flags, arguments)
+        ok = await self._rpc(frame, commands.Queue.DeclareOk)
+        return QueueInfo(ok.queue or queue, ok.message_count or 0, ok.consumer_count or 0)
+
+    async def queue_delete(
+        self, queue: str, *, if_unused: bool = False, if_empty: bool = False
+    ) -> int:
+        """Delete a queue; return how many messages it held."""
+        ok = await self._rpc(
+            commands.Queue.Delete(queue=queue, if_unused=if_unused, if_empty=if_empty),
+            commands.Queue.DeleteOk,
+        )
+        return ok.message_count or 0
+
+    async def queue_purge(self, queue: str) -> int:
+        """Remove every ready message of a queue; return how many were removed."""
+        ok = await self._rpc(commands.Queue.Purge(queue=queue), commands.Queue.PurgeOk)
+        return ok.message_count or 0
+
+    async def queue_bind(
+        self,
+        queue: str,
+        exchange: str,
+        routing_key: str = "",
+        arguments: Mapping[str, Any] | None = None,
+    ) -> None:
+        """Bind a queue to an exchange."""
+        names = (queue, exchange, routing_key)
+        frame = arguments_frame(self._id, QUEUE_BIND, names, (False,), arguments)  # no-wait
+        await self._rpc(frame, commands.Queue.BindOk)
+
+    async def exchange_declare(
+        self,
+        exchange: str,
+        exchange_type: str = "direct",
+        *,
+        passive: bool = False,
+        durable: bool = True,
+        auto_delete: bool = False,
+        arguments: Mapping[str, Any] | None = None,
+    ) -> None:
+        """Declare an exchange."""
+        # passive, durable, auto-delete, internal, no-wait
+        flags = (passive, durable, auto_delete, False, False)
+        frame = arguments_frame(
+            self._id, EXCHANGE_DECLARE, (exchange, exchange_type), flags, arguments
+        )
+        await self._rpc(frame, commands.Exchange.DeclareOk)
+
+    async def exchange_delete(self, exchange: str) -> None:
+        """Delete an exchange."""
+        await self._rpc(commands.Exchange.Delete(exchange=exchange), commands.Exchange.DeleteOk)
+
+    async def close(self) -> None:
+        """Close the channel; the broker requeues its unacknowledged deliveries."""
+        if self._reason is not None or self._closing:
+            await self._closed_event.wait()
+            return
+        reason = ChannelClosed("closed by the client")
+        try:
+            async with self._lock:
+                if self._reason is not None:
+                    return
+                self._conn._check_open()
+                # From here on, deliveries are dropped (the broker requeues
+                # them) and settlements raise: the broker ignores them anyway.
+                self._closing = True
+                rpc = self._request(close_frame(self._id), (commands.Channel.CloseOk,))
+                await rpc.event.wait()
+        except (ChannelClosed, ConnectionClosed):
+            pass  # already gone: that is what was asked for
+        if self._reason is None:
+            self._mark_closed(reason)
+            self._conn._release(self._id)
+
+    # -- reader callbacks (called synchronously from the reader task)
+
+    def _on_method(self, method: _PamqpMethod) -> None:
+        """Handle a method frame for this channel that ``_process`` did not decode itself."""
+        if isinstance(method, commands.Basic.Nack):
+            self._on_confirm(method.delivery_tag, method.multiple, True)
+        elif isinstance(method, commands.Basic.Ack):
+            self._on_confirm(method.delivery_tag, method.multiple, False)
+        elif isinstance(method, commands.Basic.GetOk):
+            self._start_content(
+                (
+                    GET_OK,
+                    method.delivery_tag,
+                    method.redelivered,
+                    method.exchange,
+                    method.routing_key,
+                    method.message_count,
+                )
+            )
+        elif isinstance(method, commands.Basic.GetEmpty):
+            self._on_reply(method, None)
+        elif isinstance(method, commands.Basic.Return):
+            self._start_content(
+                (RETURN, method.reply_code, method.reply_text, method.exchange, method.routing_key)
+            )
+        elif isinstance(method, commands.Basic.Cancel):
+            # The broker cancelled a consumer (e.g. its queue was deleted).
+            if not method.nowait:
+                self._conn._push(
+                    method_frame(
+                        self._id, commands.Basic.CancelOk(consumer_tag=method.consumer_tag)
+                    )
+                )
+            self._on_cancel(method.consumer_tag or "")
+        elif isinstance(method, commands.Channel.Close):
+            self._conn._push(method_frame(self._id, commands.Channel.CloseOk()))
+            self._mark_closed(channel_error(method.reply_text or "", method.reply_code or 0))
+            if not self._closing:
+                self._conn._release(self._id)
+            # else: both sides closed at once and the broker will still answer
+            # our channel.close; keep the number until it did, so that the
+            # stray close-ok cannot reach a new channel with the same number.
+        elif isinstance(method, commands.Channel.CloseOk):
+            if self._rpcs:
+                self._on_reply(method, None)
+            self._mark_closed(ChannelClosed("closed by the client"))
+            self._conn._release(self._id)
+        elif isinstance(method, commands.Channel.Flow):
+            self._conn._push(method_frame(self._id, commands.Channel.FlowOk(active=method.active)))
+        else:
+            self._on_reply(method, method)
+
+    def _start_content(self, content: tuple[Any, ...]) -> None:
+        self._content = content
+        self._props = None
+        self._body_size = 0
+        self._body_received = 0
+
+    def _on_header(self, data: bytes, start: int) -> None:
+        if self._content is None:
+            raise ProtocolError(f"content header without a method on channel {self._id}")
+        _cls, _weight, size, flags = content_head.unpack_from(data, start)
+        pos = start + 14
+        word = flags
+        while word & 1:
+            # More property-flag words follow (no basic property uses them,
+            # but the grammar allows it): skip them.
+            word = u16.unpack_from(data, pos)[0]
+            pos += 2
+        self._props = decode_properties(data, pos, flags & 0xFFFE)
+        self._body_size = size
+        if size == 0:
+            self._complete(b"")
+
+    def _on_body(self, data: bytes, start: int, end: int) -> None:
+        if self._props is None:
+            raise ProtocolError(f"content body without a header on channel {self._id}")
+        n = end - start
+        if not self._body_received and n == self._body_size:
+            # The common case: the whole body in one frame, one copy.
+            self._complete(data[start:end])
+            return
+        # Keep views of the received chunks (immutable bytes) and copy once.
+        self._body_parts.append(memoryview(data)[start:end])
+        self._body_received += n
+        if self._body_received >= self._body_size:
+            body = b"".join(self._body_parts)
+            self._body_parts = []
+            self._complete(body)
+
+    def _complete(self, body: bytes) -> None:
+        content = self._content
+        props = self._props
+        assert content is not None and props is not None
+        self._content = None
+        self._props = None
+        kind = content[0]
+        if kind == DELIVER:
+            self._deliver(content, body, props)
+        elif kind == GET_OK:
+            _, tag, redelivered, exchange, routing_key, count = content
+            self._on_reply(
+                None, Delivery("", tag, redelivered, exchange, routing_key, body, props, count)
+            )
+        else:
+            _, code, text, exchange, routing_key = content
+            self._on_return(code, text, exchange, routing_key, body)
+
+    def _deliver(self, content: tuple[Any, ...], body: bytes, props: Properties) -> None:
+        consumer = self._consumers.get(content[1])
+        if consumer is None or self._closing:
+            # Cancelled consumer or closing channel: the broker requeues
+            # anything unacknowledged when the channel closes.
+            return
+        try:
+            consumer[0](
+                Delivery(content[1], content[2], content[3], content[4], content[5], body, props)
+            )
+        except Exception:
+            log.exception(
+                "delivery callback of consumer %r on channel %d failed", content[1], self._id
+            )
+
+    def _on_return(
+        self, reply_code: int, reply_text: str, exchange: str, routing_key: str, body: bytes
+    ) -> None:
+        # basic.return does not carry the publish sequence number: match the
+        # oldest unconfirmed mandatory publish with the same destination and body.
+        for confirm in self._unconfirmed.values():
+            if (
+                confirm.mandatory
+                and confirm.error is None
+                and confirm.routing_key == routing_key
+                and confirm.exchange == exchange
+                and confirm.body == body
+            ):
+                confirm.error = Unroutable(exchange, routing_key, reply_text, reply_code)
+                return
+        log.warning(
+            "channel %d: message to exchange %r with routing key %r was returned: %s (%d)",
+            self._id,
+            exchange,
+            routing_key,
+            reply_text,
+            reply_code,
+        )
+
+    def _on_confirm(self, delivery_tag: int, multiple: bool, nacked: bool) -> None:
+        unconfirmed = self._unconfirmed
+        if multiple:
+            done = [seq for seq in unconfirmed if seq <= delivery_tag]
+        else:
+            done = [delivery_tag] if delivery_tag in unconfirmed else []
+        for seq in done:
+            confirm = unconfirmed.pop(seq)
+            if nacked and confirm.error is None:
+                confirm.error = PublishNacked(
+                    f"the broker rejected the message published to exchange "
+                    f"{confirm.exchange!r} with routing key {confirm.routing_key!r} (basic.nack)"
+                )
+            confirm.event.set()
+
+    def _on_cancel(self, consumer_tag: str) -> None:
+        consumer = self._consumers.pop(consumer_tag, None)
+        log.info("channel %d: the broker cancelled consumer %r", self._id, consumer_tag)
+        if consumer is not None and consumer[1] is not None:
+            try:
+                consumer[1](consumer_tag)
+            except Exception:
+                log.exception("cancel callback of consumer %r failed", consumer_tag)
+
+
+if TYPE_CHECKING:
+
+    def _implements(ch: AMQPChannel) -> Channel:
+        return ch

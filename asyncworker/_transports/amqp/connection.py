@@ -1,0 +1,780 @@
+"""The AMQP connection: socket, handshake, reader/writer/heartbeat tasks, ``connect``.
+
+This is the ``amqp://`` / ``amqps://`` implementation of the transport seam
+(``asyncworker._transports.base``), a trio-native AMQP 0-9-1 client on
+pamqp's codec.  One connection runs three background tasks:
+
+* the **reader** receives large chunks and parses every complete frame in
+  them.  The hot frames (``basic.deliver``, content header, content body,
+  heartbeat, ``basic.ack``) are decoded by hand (``codec``); everything else
+  goes through pamqp.  Delivery callbacks are called synchronously from the
+  reader, through the ``AMQPChannel`` (``channel``) the frame is for.
+* the **writer** sends everything queued since its last wake-up in one
+  ``send_all``.  Callers never write to the socket: they append already
+  marshalled frames to ``_out`` and wake the writer, so an ``ack`` costs a
+  ``struct.pack`` and a list append, and a burst of acks becomes one write.
+* the **heartbeater** (only if a heartbeat was negotiated) sends heartbeats
+  when the connection is idle and declares it dead when the broker is silent.
+
+Background tasks never raise: a failure is recorded as the connection's
+``close_reason``, every channel is marked closed with it, and everything that
+waits is woken up.
+
+The names the reader's per-frame loop uses (frame types, structs, decoders)
+are imported into this module's globals, so that moving them to ``codec``
+added no attribute lookup per frame.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import platform
+from collections.abc import AsyncIterator
+from contextlib import AbstractAsyncContextManager, asynccontextmanager, suppress
+from typing import TYPE_CHECKING, Any, Final
+
+import trio
+from pamqp import commands
+from pamqp import frame as pframe
+from pamqp.base import Frame as _PamqpMethod
+from pamqp.constants import (
+    AMQP,
+    FRAME_BODY,
+    FRAME_END,
+    FRAME_HEADER,
+    FRAME_HEARTBEAT,
+    FRAME_METHOD,
+    REPLY_SUCCESS,
+)
+from pamqp.exceptions import AMQPAccessRefused, AMQPNotAllowed
+from pamqp.header import ProtocolHeader
+
+from ..._exceptions import AuthenticationError, ChannelClosed, ConnectError, ConnectionClosed
+from ..base import fresh
+from ..params import ConnectionParams
+from .channel import HIGH_WATER, AMQPChannel
+from .codec import (
+    BASIC_ACK,
+    BASIC_DELIVER,
+    HEARTBEAT_FRAME,
+    ProtocolError,
+    content_head,
+    decode_properties,
+    frame_head,
+    method_frame,
+    parse_deliver,
+    u32,
+    u64_bits,
+)
+
+if TYPE_CHECKING:
+    from ..base import Connection
+
+__all__ = ["AMQPConnection", "connect"]
+
+log = logging.getLogger("asyncworker.amqp")
+
+_VERSION: Final = "0.1.0"
+
+#: How many bytes the reader asks for per ``receive_some``.  Large enough to
+#: hold hundreds of small deliveries, small enough to stay below glibc's mmap
+#: threshold so that every receive is a cheap heap allocation.
+_RECEIVE_SIZE: Final = 65536
+#: Successful reads in a row before the reader yields to the other tasks.
+_READS_BEFORE_YIELD: Final = 4
+#: A read shorter than this means the socket was (almost surely) emptied.
+_SMALL_READ: Final = 16384
+#: How long leaving the connection waits for ``connection.close-ok``.
+_CLOSE_TIMEOUT: Final = 3.0
+
+_CAPABILITIES: Final[dict[str, Any]] = {
+    "publisher_confirms": True,
+    "consumer_cancel_notify": True,
+    "basic.nack": True,
+    "connection.blocked": True,
+    "authentication_failure_close": True,
+    "exchange_exchange_bindings": True,
+}
+
+
+class _EOF(Exception):
+    """The socket was closed by the peer."""
+
+
+class AMQPConnection:
+    """A connection to one vhost of an AMQP 0-9-1 broker (implements ``Connection``).
+
+    Created by :func:`connect`; not meant to be instantiated directly.
+    """
+
+    def __init__(self, params: ConnectionParams, stream: trio.abc.Stream) -> None:
+        self._params = params
+        self._stream = stream
+        # On plain TCP the reader and writer use the socket's file descriptor
+        # directly (see _receive/_send_all): trio's stream methods add a
+        # scheduler pass to every successful call, which at moderate message
+        # rates is a large part of the cost of a message.  TLS uses the stream.
+        self._fd = stream.socket.fileno() if isinstance(stream, trio.SocketStream) else -1
+        self._reads_in_a_row = 0
+        self._read_was_small = False
+        self._frame_max = params.frame_max
+        self._channel_max = 2047
+        self._heartbeat = 0
+        self._channels: dict[int, AMQPChannel] = {}
+        self._consumer_seq = 0
+        self._reason: BaseException | None = None
+        self._closing = False
+        self._closed_event = trio.Event()
+        self._close_ok = trio.Event()
+        self._bg_scope: trio.CancelScope | None = None
+        #: Set while the broker has blocked publishing (connection.blocked).
+        self.blocked: str | None = None
+        # Outgoing frames and the writer's wake-up event (None while it runs).
+        self._out: list[bytes | memoryview] = []
+        self._out_size = 0  # only maintained for publishes (back-pressure)
+        self._wake: trio.Event | None = None
+        self._drained: trio.Event | None = None
+        self._last_send = 0.0
+        self._last_recv = 0.0
+        # trio.current_time() without its layers of indirection (on the hot path).
+        self._now = trio.lowlevel.current_clock().current_time
+        self._inbuf = bytearray()  # handshake reads; the leftover goes to the reader
+
+    def __repr__(self) -> str:
+        state = "open" if self.is_open else f"closed ({self._reason})"
+        return f"<AMQPConnection {self._params.display} {state}>"
+
+    # -- state
+
+    @property
+    def params(self) -> ConnectionParams:
+        """The parameters this connection was opened with."""
+        return self._params
+
+    @property
+    def is_open(self) -> bool:
+        """True until the connection is closed (or is closing)."""
+        return self._reason is None and not self._closing
+
+    @property
+    def close_reason(self) -> BaseException | None:
+        """Why the connection closed (a ``ConnectionClosed``), or None while open."""
+        return self._reason
+
+    @property
+    def frame_max(self) -> int:
+        """The negotiated maximum frame size."""
+        return self._frame_max
+
+    @property
+    def heartbeat(self) -> int:
+        """The negotiated heartbeat interval in seconds (0: none)."""
+        return self._heartbeat
+
+    async def wait_closed(self) -> None:
+        """Return once the connection is closed, for whatever reason."""
+        await self._closed_event.wait()
+
+    def _check_open(self) -> None:
+        if self._reason is not None:
+            raise fresh(self._reason)
+        if self._closing:
+            raise ConnectionClosed("the connection is closing")
+
+    def _fail(self, reason: BaseException, *, grace: float = 0.0) -> None:
+        """Mark the connection and its channels closed and stop the background.
+
+        ``grace`` leaves the writer that long to flush (e.g. a close-ok).
+        """
+        if self._reason is None:
+            self._reason = reason
+            if not self._closing:
+                log.warning("%s: %s", self._params.display, reason)
+        for channel in list(self._channels.values()):
+            channel._mark_closed(self._reason)
+        self._closed_event.set()
+        self._close_ok.set()
+        if self._wake is not None:
+            self._wake_writer()
+        if self._drained is not None:
+            self._drained.set()
+        if self._bg_scope is not None:
+            if grace:
+                self._bg_scope.deadline = min(self._bg_scope.deadline, trio.current_time() + grace)
+            else:
+                self._bg_scope.cancel()
+
+    # -- channels
+
+    async def channel(self) -> AMQPChannel:
+        """Open a new channel."""
+        self._check_open()
+        channel_id = 1
+        while channel_id in self._channels:
+            channel_id += 1
+        if channel_id > self._channel_max:
+            raise ChannelClosed(f"no free channel number (channel_max is {self._channel_max})")
+        ch = AMQPChannel(self, channel_id)
+        self._channels[channel_id] = ch
+        # Sent at once (a new channel has no other request to wait for), so
+        # that an opener cancelled from here on knows channel.open went out.
+        rpc = ch._request(
+            method_frame(channel_id, commands.Channel.Open()), (commands.Channel.OpenOk,)
+        )
+        try:
+            await rpc.event.wait()
+        except BaseException:
+            # Given up (cancelled): the broker opens the channel anyway, or
+            # already has.  Close it right behind the open; its close-ok
+            # frees the number.
+            ch._abandon()
+            raise
+        if rpc.error is not None:
+            raise fresh(rpc.error)
+        return ch
+
+    def _release(self, channel_id: int) -> None:
+        self._channels.pop(channel_id, None)
+
+    def _new_consumer_tag(self, channel_id: int) -> str:
+        self._consumer_seq += 1
+        return f"asyncworker.{channel_id}.{self._consumer_seq}"
+
+    # -- closing
+
+    async def aclose(self) -> None:
+        """Close the connection (``connection.close``), waiting a few seconds at most."""
+        if self._reason is None and not self._closing:
+            self._closing = True
+            with trio.move_on_after(_CLOSE_TIMEOUT, shield=True):
+                self._push(
+                    method_frame(
+                        0,
+                        commands.Connection.Close(
+                            reply_code=REPLY_SUCCESS,
+                            reply_text="Normal shutdown",
+                            class_id=0,
+                            method_id=0,
+                        ),
+                    )
+                )
+                await self._close_ok.wait()
+        elif self._reason is None:
+            # Another task is closing: wait for it (bounded as well).
+            with trio.move_on_after(_CLOSE_TIMEOUT, shield=True):
+                await self._closed_event.wait()
+        self._fail(ConnectionClosed("closed by the client"), grace=0.5)
+        await trio.lowlevel.checkpoint()
+
+    # -- writing
+
+    def _wake_writer(self) -> None:
+        wake = self._wake
+        if wake is not None:
+            self._wake = None
+            wake.set()
+
+    def _push(self, frame: bytes) -> None:
+        self._out.append(frame)
+        if self._wake is not None:
+            self._wake_writer()
+
+    def _push_many(self, frames: list[bytes | memoryview]) -> None:
+        # One extend: the frames of one message are never interleaved with
+        # another message's (every frame of the list goes out in one write).
+        self._out.extend(frames)
+        self._out_size += sum(map(len, frames))
+        if self._wake is not None:
+            self._wake_writer()
+
+    async def _wait_drained(self) -> None:
+        while self._out_size > HIGH_WATER and self._reason is None:
+            if self._drained is None:
+                self._drained = trio.Event()
+            await self._drained.wait()
+
+    async def _send_all(self, data: bytes | memoryview) -> None:
+        fd = self._fd
+        if fd < 0:
+            await self._stream.send_all(data)
+            return
+        view = memoryview(data)
+        while view:
+            try:
+                sent = os.write(fd, view)
+            except BlockingIOError:
+                await trio.lowlevel.wait_writable(fd)
+                continue
+            view = view[sent:]
+
+    async def _receive(self, size: int) -> bytes:
+        """Up to ``size`` bytes; b"" at EOF.  Waits only when nothing is there."""
+        fd = self._fd
+        if fd < 0:
+            chunk = await self._stream.receive_some(size)
+            # Body parts keep views of received chunks: they must be immutable.
+            return chunk if type(chunk) is bytes else bytes(chunk)
+        if self._reads_in_a_row >= _READS_BEFORE_YIELD:
+            # Data keeps coming: let the workers and the writer run.
+            self._reads_in_a_row = 0
+            await trio.lowlevel.checkpoint()
+        elif self._read_was_small:
+            # The last read found little (one message at a moderate rate):
+            # the socket is almost surely empty, so wait first rather than pay
+            # for a read that fails with EAGAIN, its exception, then the wait.
+            await trio.lowlevel.wait_readable(fd)
+        while True:
+            try:
+                chunk = os.read(fd, size)
+            except BlockingIOError:
+                self._reads_in_a_row = 0
+                await trio.lowlevel.wait_readable(fd)
+                continue
+            self._reads_in_a_row += 1
+            self._read_was_small = len(chunk) < _SMALL_READ
+            return chunk
+
+    async def _writer(self) -> None:
+        try:
+            while True:
+                if not self._out:
+                    if self._reason is not None:
+                        return
+                    wake = self._wake = trio.Event()
+                    await wake.wait()
+                    continue
+                out = self._out
+                self._out = []
+                data = b"".join(out) if len(out) > 1 else out[0]
+                await self._send_all(data)
+                self._last_send = self._now()
+                if self._out_size:
+                    self._out_size = 0 if not self._out else sum(map(len, self._out))
+                    if self._drained is not None and self._out_size <= HIGH_WATER:
+                        self._drained.set()
+                        self._drained = None
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+            self._fail(_lost(exc))
+        except Exception as exc:
+            log.exception("%s: writer failed", self._params.display)
+            self._fail(ConnectionClosed(f"writer failed: {exc!r}"))
+
+    # -- heartbeats
+
+    async def _heartbeater(self) -> None:
+        interval = self._heartbeat / 2
+        dead_after = self._heartbeat * 2
+        try:
+            while self._reason is None:
+                now = trio.current_time()
+                if now - self._last_recv > dead_after:
+                    self._fail(
+                        ConnectionClosed(
+                            f"missed heartbeats: nothing received from the broker for "
+                            f"{dead_after} s"
+                        )
+                    )
+                    return
+                if now - self._last_send >= interval:
+                    self._push(HEARTBEAT_FRAME)
+                    self._last_send = now  # do not queue another before the writer ran
+                wake_at = min(self._last_send + interval, self._last_recv + dead_after + 0.01)
+                with trio.move_on_at(wake_at):
+                    await self._closed_event.wait()
+        except Exception as exc:  # pragma: no cover - defensive
+            log.exception("%s: heartbeat task failed", self._params.display)
+            self._fail(ConnectionClosed(f"heartbeat task failed: {exc!r}"))
+
+    # -- reading
+
+    async def _reader(self) -> None:
+        data = bytes(self._inbuf)  # whatever the handshake read past open-ok
+        self._inbuf = bytearray()
+        try:
+            while True:
+                leftover = b""
+                need = 0
+                if data:
+                    pos = self._process(data)
+                    if self._reason is not None:
+                        return
+                    if pos < len(data):
+                        leftover = data[pos:]
+                        if len(leftover) >= 7:
+                            # Ask for the rest of a big frame in one receive.
+                            need = 8 + frame_head.unpack_from(leftover)[2] - len(leftover)
+                chunk = await self._receive(max(_RECEIVE_SIZE, need))
+                if not chunk:
+                    raise _EOF
+                self._last_recv = self._now()
+                data = leftover + chunk if leftover else chunk
+        except _EOF:
+            self._fail(ConnectionClosed("connection lost: the broker closed the socket"))
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+            self._fail(_lost(exc))
+        except Exception as exc:
+            log.exception("%s: protocol error", self._params.display)
+            self._fail(ConnectionClosed(f"protocol error: {exc!r}"))
+
+    def _process(self, data: bytes) -> int:
+        """Handle every complete frame in ``data``; return the bytes consumed."""
+        n = len(data)
+        pos = 0
+        channels = self._channels
+        unpack_head = frame_head.unpack_from
+        unpack_u32 = u32.unpack_from
+        while n - pos >= 8:
+            ftype, channel_id, size = unpack_head(data, pos)
+            end = pos + 7 + size
+            if end >= n:
+                break
+            if data[end] != FRAME_END:
+                raise ProtocolError(f"bad frame end octet {data[end]:#x}")
+            start = pos + 7
+            pos = end + 1
+            if ftype == FRAME_METHOD:
+                index = unpack_u32(data, start)[0]
+                if index == BASIC_DELIVER:
+                    ch = channels.get(channel_id)
+                    if ch is None:
+                        continue
+                    content = parse_deliver(data, start + 4)
+                    # Fast path: the content header and a single body frame
+                    # follow in this buffer (the usual case for small
+                    # messages): decode all three at once, without storing
+                    # per-channel assembly state.
+                    if n - pos >= 30:
+                        htype, hch, hsize = unpack_head(data, pos)
+                        hend = pos + 7 + hsize
+                        if htype == FRAME_HEADER and hch == channel_id and hend + 8 < n:
+                            _c, _w, body_size, flags = content_head.unpack_from(data, pos + 7)
+                            btype, bch, bsize = unpack_head(data, hend + 1)
+                            bend = hend + 8 + bsize
+                            if (
+                                btype == FRAME_BODY
+                                and bch == channel_id
+                                and bsize == body_size
+                                and bend < n
+                                and not flags & 1
+                                and data[hend] == FRAME_END
+                                and data[bend] == FRAME_END
+                            ):
+                                ch._deliver(
+                                    content,
+                                    data[hend + 8 : bend],
+                                    decode_properties(data, pos + 21, flags),
+                                )
+                                pos = bend + 1
+                                continue
+                    ch._start_content(content)
+                elif index == BASIC_ACK:
+                    ch = channels.get(channel_id)
+                    if ch is not None:
+                        tag, bits = u64_bits.unpack_from(data, start + 4)
+                        ch._on_confirm(tag, bool(bits & 1), False)
+                else:
+                    method = pframe.unmarshal(data[start - 7 : end + 1])[2]
+                    assert isinstance(method, _PamqpMethod)
+                    if channel_id == 0:
+                        self._on_connection_method(method)
+                    else:
+                        self._on_channel_method(channel_id, method)
+            elif ftype == FRAME_BODY:
+                ch = channels.get(channel_id)
+                if ch is not None:
+                    ch._on_body(data, start, end)
+            elif ftype == FRAME_HEADER:
+                ch = channels.get(channel_id)
+                if ch is not None:
+                    ch._on_header(data, start)
+            elif ftype != FRAME_HEARTBEAT:
+                raise ProtocolError(f"unknown frame type {ftype}")
+        return pos
+
+    def _on_connection_method(self, method: _PamqpMethod) -> None:
+        if isinstance(method, commands.Connection.Close):
+            self._push(method_frame(0, commands.Connection.CloseOk()))
+            self._fail(
+                ConnectionClosed(
+                    method.reply_text or "closed by the broker", method.reply_code or 0
+                ),
+                grace=1.0,
+            )
+        elif isinstance(method, commands.Connection.CloseOk):
+            self._close_ok.set()
+            self._fail(ConnectionClosed("closed by the client"), grace=0.5)
+        elif isinstance(method, commands.Connection.Blocked):
+            self.blocked = method.reason or "blocked"
+            log.warning("%s: the broker blocked publishing: %s", self._params.display, self.blocked)
+        elif isinstance(method, commands.Connection.Unblocked):
+            self.blocked = None
+            log.warning("%s: the broker unblocked publishing", self._params.display)
+        else:
+            log.warning("%s: ignoring unexpected %s", self._params.display, method.name)
+
+    def _on_channel_method(self, channel_id: int, method: _PamqpMethod) -> None:
+        ch = self._channels.get(channel_id)
+        if ch is None:
+            log.debug("ignoring %s on unknown channel %d", method.name, channel_id)
+            return
+        ch._on_method(method)
+
+    # -- handshake
+
+    async def _read_method(self) -> _PamqpMethod:
+        """Read the next method frame on channel 0 (handshake only)."""
+        buf = self._inbuf
+        while True:
+            if len(buf) >= 8 and buf[:4] == AMQP:
+                raise ConnectError(
+                    f"cannot connect to {self._params.display}: the server does not "
+                    "speak AMQP 0-9-1"
+                )
+            if len(buf) >= 7:
+                ftype, _ch, size = frame_head.unpack_from(buf)
+                if len(buf) >= 8 + size:
+                    frame = bytes(buf[: 8 + size])
+                    del buf[: 8 + size]
+                    if ftype == FRAME_HEARTBEAT:
+                        continue
+                    value = pframe.unmarshal(frame)[2]
+                    if not isinstance(value, _PamqpMethod):
+                        raise ProtocolError(f"unexpected {type(value).__name__} frame")
+                    return value
+            chunk = await self._stream.receive_some(_RECEIVE_SIZE)
+            if not chunk:
+                raise _EOF
+            buf += chunk
+
+    async def _handshake(self) -> None:
+        params = self._params
+        display = params.display
+        await self._stream.send_all(ProtocolHeader().marshal())
+        try:
+            start = await self._read_method()
+        except _EOF:
+            raise ConnectError(
+                f"cannot connect to {display}: the server closed the socket (not an AMQP broker?)"
+            ) from None
+        if not isinstance(start, commands.Connection.Start):
+            raise ProtocolError(f"expected connection.start, got {start.name}")
+        mechanisms = start.mechanisms.split()
+        if "PLAIN" not in mechanisms:
+            raise ConnectError(
+                f"cannot connect to {display}: the broker does not offer PLAIN "
+                f"authentication (offers {start.mechanisms})"
+            )
+        try:
+            f"{params.user}{params.password}".encode()
+        except UnicodeEncodeError:
+            # Checked here: the codec's error would quote the whole PLAIN
+            # response, password included.
+            raise AuthenticationError(
+                f"cannot connect to {display}: the user name or password is not valid "
+                "UTF-8 text (read from bytes in another encoding?)"
+            ) from None
+        client_properties: dict[str, Any] = {
+            "product": "asyncworker",
+            "version": _VERSION,
+            "platform": f"Python {platform.python_version()}",
+            "information": "https://github.com/asyncworker",
+            "connection_name": params.client_name,
+            "capabilities": dict(_CAPABILITIES),
+        }
+        await self._stream.send_all(
+            method_frame(
+                0,
+                commands.Connection.StartOk(
+                    client_properties=client_properties,
+                    mechanism="PLAIN",
+                    response=f"\0{params.user}\0{params.password}",
+                    locale="en_US",
+                ),
+            )
+        )
+        try:
+            tune = await self._read_method()
+        except (_EOF, trio.BrokenResourceError, OSError):
+            # Brokers without authentication_failure_close just drop the socket.
+            raise AuthenticationError(
+                f"cannot connect to {display}: the broker closed the connection during "
+                "authentication (wrong user or password?)"
+            ) from None
+        if isinstance(tune, commands.Connection.Close):
+            await self._send_close_ok()
+            if tune.reply_code == AMQPAccessRefused.value:
+                raise AuthenticationError(
+                    f"cannot connect to {display}: access refused for user "
+                    f"{params.user!r} (wrong user or password?)"
+                )
+            raise ConnectError(
+                f"cannot connect to {display}: {tune.reply_text} ({tune.reply_code})"
+            )
+        if not isinstance(tune, commands.Connection.Tune):
+            raise ProtocolError(f"expected connection.tune, got {tune.name}")
+        self._frame_max = _negotiate(params.frame_max, tune.frame_max)
+        self._channel_max = _negotiate(2047, tune.channel_max)
+        # heartbeat=0 asks for none: the broker's proposal is only an upper bound.
+        self._heartbeat = (
+            0 if params.heartbeat == 0 else _negotiate(params.heartbeat, tune.heartbeat)
+        )
+        await self._stream.send_all(
+            method_frame(
+                0,
+                commands.Connection.TuneOk(
+                    channel_max=self._channel_max,
+                    frame_max=self._frame_max,
+                    heartbeat=self._heartbeat,
+                ),
+            )
+            + method_frame(0, commands.Connection.Open(virtual_host=params.vhost))
+        )
+        try:
+            opened = await self._read_method()
+        except _EOF:
+            raise ConnectError(
+                f"cannot connect to {display}: the broker closed the socket while opening the vhost"
+            ) from None
+        if isinstance(opened, commands.Connection.Close):
+            await self._send_close_ok()
+            if opened.reply_code == AMQPNotAllowed.value:
+                raise ConnectError(
+                    f"cannot connect to {display}: vhost {params.vhost!r} does not exist or "
+                    f"user {params.user!r} has no access to it ({opened.reply_text})"
+                )
+            if opened.reply_code == AMQPAccessRefused.value:
+                raise AuthenticationError(f"cannot connect to {display}: {opened.reply_text}")
+            raise ConnectError(
+                f"cannot connect to {display}: {opened.reply_text} ({opened.reply_code})"
+            )
+        if not isinstance(opened, commands.Connection.OpenOk):
+            raise ProtocolError(f"expected connection.open-ok, got {opened.name}")
+        now = trio.current_time()
+        self._last_recv = self._last_send = now
+
+    async def _send_close_ok(self) -> None:
+        with trio.move_on_after(1):
+            with suppress(trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                await self._stream.send_all(method_frame(0, commands.Connection.CloseOk()))
+
+    async def _run_background(self, *, task_status: trio.TaskStatus[None]) -> None:
+        try:
+            with trio.CancelScope() as scope:
+                self._bg_scope = scope
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._reader)
+                    nursery.start_soon(self._writer)
+                    if self._heartbeat:
+                        nursery.start_soon(self._heartbeater)
+                    task_status.started()
+        finally:
+            if self._reason is None:
+                self._fail(ConnectionClosed("connection shut down"))
+            # Release the socket as soon as the connection is dead, not only
+            # when the caller leaves the context.
+            await trio.aclose_forcefully(self._stream)
+
+
+def _negotiate(ours: int, theirs: int) -> int:
+    """The smaller of two limits, where 0 means "no limit"."""
+    if ours and theirs:
+        return min(ours, theirs)
+    return ours or theirs
+
+
+def _lost(exc: BaseException) -> ConnectionClosed:
+    cause = exc.__cause__ or exc
+    err = ConnectionClosed(f"connection lost: {cause}")
+    err.__cause__ = exc
+    return err
+
+
+# --------------------------------------------------------------------------
+# Opening
+
+
+async def _open_stream(params: ConnectionParams) -> trio.abc.Stream:
+    if params.ssl is not None:
+        return await trio.open_ssl_over_tcp_stream(params.host, params.port, ssl_context=params.ssl)
+    return await trio.open_tcp_stream(params.host, params.port)
+
+
+def _os_reason(exc: BaseException) -> str:
+    """Why a TCP connection failed, in words (trio's open_tcp_stream wraps the
+    errors of each address it tried in one OSError)."""
+    causes = [exc]
+    if isinstance(exc.__cause__, BaseExceptionGroup):
+        causes = list(exc.__cause__.exceptions)
+    if all(isinstance(cause, ConnectionRefusedError) for cause in causes):
+        return "connection refused (is the broker running, and on this port?)"
+    first = causes[0]
+    if isinstance(first, OSError) and first.strerror:
+        return first.strerror.lower()
+    return repr(first)
+
+
+@asynccontextmanager
+async def _connect(params: ConnectionParams) -> AsyncIterator[AMQPConnection]:
+    display = params.display
+    stream: trio.abc.Stream | None = None
+    try:
+        with trio.fail_after(params.connect_timeout):
+            stream = await _open_stream(params)
+            conn = AMQPConnection(params, stream)
+            await conn._handshake()
+    except BaseException as exc:
+        if stream is not None:
+            await trio.aclose_forcefully(stream)
+        if isinstance(exc, ConnectError):
+            raise
+        if isinstance(exc, trio.TooSlowError):
+            raise ConnectError(
+                f"cannot connect to {display}: timed out after {params.connect_timeout} s"
+            ) from None
+        if isinstance(exc, OSError | trio.BrokenResourceError | trio.ClosedResourceError):
+            reason = exc.__cause__ if isinstance(exc, trio.BrokenResourceError) else exc
+            raise ConnectError(f"cannot connect to {display}: {_os_reason(reason or exc)}") from exc
+        if isinstance(exc, _EOF):
+            raise ConnectError(
+                f"cannot connect to {display}: the server closed the socket"
+            ) from None
+        if isinstance(exc, Exception):
+            raise ConnectError(f"cannot connect to {display}: {exc!r}") from exc
+        raise
+    log.debug(
+        "%s: connected (frame_max %d, heartbeat %d s)", display, conn._frame_max, conn._heartbeat
+    )
+    body_exc: BaseException | None = None
+    async with trio.open_nursery() as nursery:
+        await nursery.start(conn._run_background)
+        try:
+            yield conn
+        except BaseException as exc:
+            # Re-raised outside the nursery, so that an error of the caller's
+            # code is not wrapped in an ExceptionGroup.
+            body_exc = exc
+        try:
+            await conn.aclose()
+        finally:
+            nursery.cancel_scope.cancel()
+    if body_exc is not None:
+        try:
+            raise body_exc
+        finally:
+            body_exc = None
+
+
+def connect(params: ConnectionParams) -> AbstractAsyncContextManager[AMQPConnection]:
+    """Open an AMQP connection; leaving the context closes it.
+
+    Raises ``ConnectError`` (``AuthenticationError`` for refused credentials)
+    naming the host, port and vhost, never the password.
+    """
+    return _connect(params)
+
+
+if TYPE_CHECKING:
+
+    def _implements(conn: AMQPConnection) -> Connection:
+        return conn

@@ -1,0 +1,241 @@
+"""The memory transport's connections: ``connect()``, ``MemoryConnection``, its dispatcher.
+
+This is the ``memory://`` implementation of the transport seam
+(``asyncworker._transports.base``): ``connect(params)`` opens a connection to
+one vhost of a ``MemoryBroker`` (``broker``), the one given as ``broker=`` or
+else the one registered under ``params.host``.  Channels are
+``channel.MemoryChannel``.
+
+Deliveries are never made re-entrantly: routing and settlement only append to
+the connection's outbox (``_post``), and a dispatcher task in the nursery of
+``connect()`` calls the ``on_delivery``/``on_cancel`` callbacks in order, so a
+handler's ``ack()`` cannot recurse into the consumer.  The same nursery may
+host the broker's TTL timer (``MemoryBroker._attach``).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from typing import TYPE_CHECKING, Any, Final, NoReturn
+
+import trio
+from pamqp.constants import REPLY_SUCCESS
+
+from ..._exceptions import ConnectError, ConnectionClosed
+from ..base import fresh
+from ..params import ConnectionParams
+from .broker import MemoryBroker, get_broker
+from .channel import MemoryChannel
+from .model import Queue, VHost, logger
+
+if TYPE_CHECKING:
+    from ..base import Connection
+
+__all__ = ["MemoryConnection", "connect"]
+
+# How many callbacks the dispatcher runs before it lets other tasks run.
+_DISPATCH_BATCH: Final = 256
+
+
+class MemoryConnection:
+    """A connection to one vhost of a ``MemoryBroker``; implements ``Connection``.
+
+    Its dispatcher task (in the nursery of ``connect()``) calls the delivery
+    and cancel callbacks of all its channels, in order.
+    """
+
+    def __init__(
+        self,
+        broker: MemoryBroker,
+        vhost: VHost,
+        params: ConnectionParams,
+    ) -> None:
+        self._broker = broker
+        self._vhost = vhost
+        self._params = params
+        self._open = True
+        self._reason: BaseException | None = None
+        self._closed = trio.Event()
+        self._channels: dict[int, MemoryChannel] = {}
+        self._next_channel = 1
+        self._exclusive_queues: list[Queue] = []
+        self._outbox: deque[tuple[MemoryChannel, Callable[[Any], None], Any]] = deque()
+        self._wake: trio.Event | None = None
+        self._posted = 0
+        self._done = 0
+        self._progress: trio.Event | None = None
+
+    def __repr__(self) -> str:
+        state = "open" if self._open else f"closed ({self._reason})"
+        return f"<MemoryConnection {self._params.display} {state}>"
+
+    @property
+    def params(self) -> ConnectionParams:
+        """The parameters this connection was opened with."""
+        return self._params
+
+    @property
+    def broker(self) -> MemoryBroker:
+        """The broker this connection belongs to."""
+        return self._broker
+
+    @property
+    def is_open(self) -> bool:
+        """Whether the connection can be used."""
+        return self._open
+
+    @property
+    def blocked(self) -> str | None:
+        """Always None: the in-memory broker never blocks publishers."""
+        return None
+
+    @property
+    def close_reason(self) -> BaseException | None:
+        """Why the connection closed (a ``ConnectionClosed``), or None."""
+        return self._reason
+
+    async def wait_closed(self) -> None:
+        """Return once the connection is closed."""
+        await self._closed.wait()
+
+    async def channel(self) -> MemoryChannel:
+        """Open a new channel."""
+        await trio.lowlevel.checkpoint()
+        if not self._open:
+            assert self._reason is not None
+            raise fresh(self._reason)
+        channel = MemoryChannel(self, self._next_channel)
+        self._channels[self._next_channel] = channel
+        self._next_channel += 1
+        return channel
+
+    async def aclose(self) -> None:
+        """Close the connection; unacknowledged deliveries are requeued."""
+        self._teardown(ConnectionClosed("Normal shutdown", REPLY_SUCCESS))
+        await trio.lowlevel.cancel_shielded_checkpoint()
+
+    # -- internals ------------------------------------------------------------
+
+    def _fail(self, reply_code: int, reply_text: str) -> NoReturn:
+        """Close the connection as the broker would (a connection exception), and raise."""
+        self._teardown(ConnectionClosed(reply_text, reply_code))
+        raise ConnectionClosed(reply_text, reply_code)
+
+    def _teardown(self, reason: ConnectionClosed) -> None:
+        if not self._open:
+            return
+        self._open = False
+        self._reason = reason
+        # Close every channel before requeueing anything, so that a message
+        # returned by one channel is not delivered to (and returned by)
+        # another channel of this connection, which would count twice.
+        channels = [c for c in list(self._channels.values()) if c._mark_closed(reason)]
+        for channel in channels:
+            channel._requeue_unacked()
+        for queue in self._exclusive_queues:
+            queue.vhost.delete_queue(queue)
+        self._exclusive_queues.clear()
+        self._outbox.clear()
+        self._wake_dispatcher()
+        self._notify_progress()
+        self._closed.set()
+        self._broker._detach(self)
+        self._vhost.changed()
+
+    def _post(self, channel: MemoryChannel, callback: Callable[[Any], None], arg: Any) -> None:
+        """Queue a callback for the dispatcher (never call it from here: no re-entrancy)."""
+        self._outbox.append((channel, callback, arg))
+        self._posted += 1
+        if self._wake is not None:
+            self._wake_dispatcher()
+
+    def _wake_dispatcher(self) -> None:
+        wake = self._wake
+        if wake is not None:
+            self._wake = None
+            wake.set()
+
+    def _notify_progress(self) -> None:
+        progress = self._progress
+        if progress is not None:
+            self._progress = None
+            progress.set()
+
+    async def _flush(self) -> None:
+        """Wait until the dispatcher ran every callback posted so far."""
+        target = self._posted
+        while self._open and self._done < target:
+            if self._progress is None:
+                self._progress = trio.Event()
+            await self._progress.wait()
+
+    async def _run_dispatcher(self) -> None:
+        outbox = self._outbox
+        try:
+            while self._open:
+                if not outbox:
+                    wake = self._wake = trio.Event()
+                    await wake.wait()
+                    continue
+                for _ in range(_DISPATCH_BATCH):
+                    if not outbox:
+                        break
+                    channel, callback, arg = outbox.popleft()
+                    self._done += 1
+                    # Deliveries of a closed channel were requeued already.
+                    if channel._open:
+                        callback(arg)
+                self._notify_progress()
+                if outbox:
+                    await trio.lowlevel.checkpoint()
+        except Exception as exc:
+            # The seam forbids callbacks to raise; treat it like a dead reader task.
+            logger.exception("memory broker: a delivery callback raised; closing the connection")
+            self._teardown(ConnectionClosed(f"a delivery callback raised {exc!r}"))
+
+
+@asynccontextmanager
+async def _connect(
+    params: ConnectionParams, broker: MemoryBroker | None
+) -> AsyncIterator[MemoryConnection]:
+    if broker is None:
+        broker = get_broker(params.host)
+    vhost = broker._vhost(params.vhost)
+    if vhost is None:
+        raise ConnectError(
+            f"cannot connect to {params.display}: vhost {params.vhost!r} does not exist "
+            f"(NOT_ALLOWED - vhost {params.vhost} not found); create it with "
+            "MemoryBroker.add_vhost()"
+        )
+    await trio.lowlevel.checkpoint()
+    async with trio.open_nursery() as nursery:
+        connection = MemoryConnection(broker, vhost, params)
+        nursery.start_soon(connection._run_dispatcher)
+        broker._attach(connection, nursery)
+        try:
+            yield connection
+        finally:
+            connection._teardown(ConnectionClosed("Normal shutdown", REPLY_SUCCESS))
+            nursery.cancel_scope.cancel()
+
+
+def connect(
+    params: ConnectionParams, *, broker: MemoryBroker | None = None
+) -> AbstractAsyncContextManager[Connection]:
+    """Open a connection to vhost ``params.vhost`` of a memory broker.
+
+    The broker is ``broker`` if given (it need not be registered under any
+    name), else the one registered as ``params.host`` (``memory://NAME``),
+    created on first use.  Raises ``ConnectError`` naming the vhost if it
+    does not exist.  Leaving the context closes the connection and requeues
+    its unacked messages.
+    """
+    return _connect(params, broker)
+
+
+if TYPE_CHECKING:
+
+    def _implements(connection: MemoryConnection) -> Connection:
+        return connection
