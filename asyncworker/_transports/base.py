@@ -8,7 +8,11 @@ for ``memory://``).  The rest of asyncworker only sees what is defined here
 and in ``params``, and only the exceptions of ``asyncworker._exceptions``;
 ``asyncworker._transports.connect()`` picks the implementation.
 
-A leaf: it imports only the standard library, ``asyncworker._exceptions``
+It also holds ``CloseOnce``, the open/closed state every connection and
+channel of both transports shares: closed once, with one reason, which every
+waiter is failed with.
+
+A leaf: it imports only the standard library, trio, ``asyncworker._exceptions``
 and its sibling ``params`` (itself a leaf).  The implementations import it;
 it never imports them.
 
@@ -33,7 +37,9 @@ from __future__ import annotations
 import datetime
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, ClassVar, Protocol
+
+import trio
 
 from .._exceptions import ChannelClosed, ConnectionClosed
 from .params import ConnectionParams
@@ -41,6 +47,7 @@ from .params import ConnectionParams
 __all__ = [
     "CancelCallback",
     "Channel",
+    "CloseOnce",
     "Connection",
     "Delivery",
     "DeliveryCallback",
@@ -244,3 +251,68 @@ def fresh(exc: BaseException) -> BaseException:
         new.__cause__ = exc.__cause__
         return new
     return exc
+
+
+class CloseOnce:
+    """The open/closed state of a connection or channel: it closes once.
+
+    As aiormq's ``Base``: ``_mark_closed(reason)`` records why the object
+    closed (the first reason wins; later calls change nothing), calls the
+    subclass's ``_on_closed(reason)``, which fails every waiter it keeps
+    (pending requests, unconfirmed publishes, channels of a connection) with
+    that reason, and then wakes every task in ``wait_closed()``.  Operations
+    call ``_check_open()``, which raises a fresh copy of the reason.
+
+    ``_closing`` is set by a subclass while a close it asked for is under
+    way (``channel.close`` sent, no ``close-ok`` yet): the object no longer
+    counts as open, ``_check_open()`` raises ``_closed_error`` naming
+    ``_what``, and the reason comes with ``_mark_closed`` once the close
+    completes.  The attributes are read directly on the hot paths (``ack``
+    tests ``_reason`` and ``_closing`` itself before calling anything).
+    """
+
+    #: What ``_check_open`` raises while a close is under way, and what is closing.
+    _closed_error: ClassVar[type[ChannelClosed | ConnectionClosed]]
+    _what: ClassVar[str]
+
+    def __init__(self) -> None:
+        self._reason: BaseException | None = None
+        self._closing = False
+        self._closed_event = trio.Event()
+
+    def _state(self) -> str:
+        """``open`` or ``closed (reason)``, for ``__repr__``."""
+        return "open" if self.is_open else f"closed ({self._reason})"
+
+    @property
+    def is_open(self) -> bool:
+        """True until closed, or until a close was asked for."""
+        return self._reason is None and not self._closing
+
+    @property
+    def close_reason(self) -> BaseException | None:
+        """Why it closed (a ``ChannelClosed`` or ``ConnectionClosed``), or None while open."""
+        return self._reason
+
+    async def wait_closed(self) -> None:
+        """Return once it is closed, for whatever reason."""
+        await self._closed_event.wait()
+
+    def _check_open(self) -> None:
+        """Raise a fresh copy of the close reason if it is closed (or closing)."""
+        if self._reason is not None:
+            raise fresh(self._reason)
+        if self._closing:
+            raise self._closed_error(f"the {self._what} is closing")
+
+    def _mark_closed(self, reason: BaseException) -> bool:
+        """Close with ``reason`` and fail every waiter; False if it was closed already."""
+        if self._reason is not None:
+            return False
+        self._reason = reason
+        self._on_closed(reason)
+        self._closed_event.set()
+        return True
+
+    def _on_closed(self, reason: BaseException) -> None:
+        """Fail whatever waits on this object with ``reason`` (called once)."""

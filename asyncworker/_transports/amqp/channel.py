@@ -11,9 +11,10 @@ connection module imports this one, never the other way round.  The hot
 settlement path (``ack``) works on the connection's writer state directly,
 as it did when both lived in one module: no call is added per message.
 
-Closing: ``_mark_closed(reason)`` runs once and fails every waiting request
-and unconfirmed publish with the reason; later operations raise a fresh copy
-of it (``ChannelClosed``, or ``ConnectionClosed`` when the connection died).
+Closing is ``base.CloseOnce``'s: ``_mark_closed(reason)`` runs once and
+``_on_closed`` fails every waiting request and unconfirmed publish with the
+reason; later operations raise a fresh copy of it (``ChannelClosed``, or
+``ConnectionClosed`` when the connection died).
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from ..._exceptions import (
 )
 from ..base import (
     CancelCallback,
+    CloseOnce,
     Delivery,
     DeliveryCallback,
     Properties,
@@ -161,21 +163,22 @@ class _Confirm:
 # Channel
 
 
-class AMQPChannel:
+class AMQPChannel(CloseOnce):
     """One AMQP channel of an ``AMQPConnection`` (implements ``Channel``).
 
     Synchronous methods (declarations, ``qos``, ``consume``, ...) are serialised
     by a lock: AMQP allows one outstanding synchronous request per channel.
     """
 
+    _closed_error = ChannelClosed
+    _what = "channel"
+
     def __init__(self, connection: _Connection, channel_id: int) -> None:
+        super().__init__()
         self._conn = connection
         self._id = channel_id
         self._lock = trio.Lock()
         self._rpcs: deque[_Rpc] = deque()
-        self._reason: BaseException | None = None
-        self._closing = False
-        self._closed_event = trio.Event()
         self._consumers: dict[str, tuple[DeliveryCallback, CancelCallback | None]] = {}
         self._confirm = False
         self._next_seq = 1
@@ -189,8 +192,7 @@ class AMQPChannel:
         self._body_parts: list[memoryview] = []
 
     def __repr__(self) -> str:
-        state = "open" if self.is_open else f"closed ({self._reason})"
-        return f"<AMQPChannel {self._id} {state}>"
+        return f"<AMQPChannel {self._id} {self._state()}>"
 
     # -- state
 
@@ -199,31 +201,8 @@ class AMQPChannel:
         """The channel number."""
         return self._id
 
-    @property
-    def is_open(self) -> bool:
-        """True until the channel is closed (or is closing)."""
-        return self._reason is None and not self._closing
-
-    @property
-    def close_reason(self) -> BaseException | None:
-        """Why the channel closed (a ``ChannelClosed`` or ``ConnectionClosed``), or None."""
-        return self._reason
-
-    async def wait_closed(self) -> None:
-        """Return once the channel is closed, for whatever reason."""
-        await self._closed_event.wait()
-
-    def _check_open(self) -> None:
-        if self._reason is not None:
-            raise fresh(self._reason)
-        if self._closing:
-            raise ChannelClosed("the channel is closing")
-
-    def _mark_closed(self, reason: BaseException) -> None:
-        """Record why the channel closed and fail everything that waits on it."""
-        if self._reason is not None:
-            return
-        self._reason = reason
+    def _on_closed(self, reason: BaseException) -> None:
+        """Fail every waiting request and unconfirmed publish; forget the consumers."""
         self._content = None
         self._body_parts = []
         while self._rpcs:
@@ -235,7 +214,6 @@ class AMQPChannel:
             confirm.event.set()
         self._unconfirmed.clear()
         self._consumers.clear()
-        self._closed_event.set()
 
     def _abandon(self) -> None:
         """Close this channel without waiting: its opener gave up after channel.open."""

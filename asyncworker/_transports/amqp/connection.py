@@ -51,7 +51,7 @@ from pamqp.exceptions import AMQPAccessRefused, AMQPNotAllowed
 from pamqp.header import ProtocolHeader
 
 from ..._exceptions import AuthenticationError, ChannelClosed, ConnectError, ConnectionClosed
-from ..base import fresh
+from ..base import CloseOnce, fresh
 from ..params import ConnectionParams
 from .channel import HIGH_WATER, AMQPChannel
 from .codec import (
@@ -102,13 +102,17 @@ class _EOF(Exception):
     """The socket was closed by the peer."""
 
 
-class AMQPConnection:
+class AMQPConnection(CloseOnce):
     """A connection to one vhost of an AMQP 0-9-1 broker (implements ``Connection``).
 
     Created by :func:`connect`; not meant to be instantiated directly.
     """
 
+    _closed_error = ConnectionClosed
+    _what = "connection"
+
     def __init__(self, params: ConnectionParams, stream: trio.abc.Stream) -> None:
+        super().__init__()
         self._params = params
         self._stream = stream
         # On plain TCP the reader and writer use the socket's file descriptor
@@ -123,9 +127,6 @@ class AMQPConnection:
         self._heartbeat = 0
         self._channels: dict[int, AMQPChannel] = {}
         self._consumer_seq = 0
-        self._reason: BaseException | None = None
-        self._closing = False
-        self._closed_event = trio.Event()
         self._close_ok = trio.Event()
         self._bg_scope: trio.CancelScope | None = None
         #: Set while the broker has blocked publishing (connection.blocked).
@@ -142,8 +143,7 @@ class AMQPConnection:
         self._inbuf = bytearray()  # handshake reads; the leftover goes to the reader
 
     def __repr__(self) -> str:
-        state = "open" if self.is_open else f"closed ({self._reason})"
-        return f"<AMQPConnection {self._params.display} {state}>"
+        return f"<AMQPConnection {self._params.display} {self._state()}>"
 
     # -- state
 
@@ -151,16 +151,6 @@ class AMQPConnection:
     def params(self) -> ConnectionParams:
         """The parameters this connection was opened with."""
         return self._params
-
-    @property
-    def is_open(self) -> bool:
-        """True until the connection is closed (or is closing)."""
-        return self._reason is None and not self._closing
-
-    @property
-    def close_reason(self) -> BaseException | None:
-        """Why the connection closed (a ``ConnectionClosed``), or None while open."""
-        return self._reason
 
     @property
     def frame_max(self) -> int:
@@ -172,38 +162,29 @@ class AMQPConnection:
         """The negotiated heartbeat interval in seconds (0: none)."""
         return self._heartbeat
 
-    async def wait_closed(self) -> None:
-        """Return once the connection is closed, for whatever reason."""
-        await self._closed_event.wait()
-
-    def _check_open(self) -> None:
-        if self._reason is not None:
-            raise fresh(self._reason)
-        if self._closing:
-            raise ConnectionClosed("the connection is closing")
-
     def _fail(self, reason: BaseException, *, grace: float = 0.0) -> None:
         """Mark the connection and its channels closed and stop the background.
 
-        ``grace`` leaves the writer that long to flush (e.g. a close-ok).
+        The first reason wins.  ``grace`` leaves the writer that long to flush
+        (e.g. a close-ok); each call may shorten the background's deadline.
         """
-        if self._reason is None:
-            self._reason = reason
-            if not self._closing:
-                log.warning("%s: %s", self._params.display, reason)
-        for channel in list(self._channels.values()):
-            channel._mark_closed(self._reason)
-        self._closed_event.set()
-        self._close_ok.set()
-        if self._wake is not None:
-            self._wake_writer()
-        if self._drained is not None:
-            self._drained.set()
+        if self._mark_closed(reason) and not self._closing:
+            log.warning("%s: %s", self._params.display, reason)
         if self._bg_scope is not None:
             if grace:
                 self._bg_scope.deadline = min(self._bg_scope.deadline, trio.current_time() + grace)
             else:
                 self._bg_scope.cancel()
+
+    def _on_closed(self, reason: BaseException) -> None:
+        """Close every channel with ``reason`` and wake every task that waits."""
+        for channel in list(self._channels.values()):
+            channel._mark_closed(reason)
+        self._close_ok.set()
+        if self._wake is not None:
+            self._wake_writer()
+        if self._drained is not None:
+            self._drained.set()
 
     # -- channels
 

@@ -22,7 +22,15 @@ import trio
 from pamqp.constants import REPLY_SUCCESS
 
 from ..._exceptions import ChannelClosed, ConnectionClosed, PublishNacked, QueueNotFound, Unroutable
-from ..base import CancelCallback, Delivery, DeliveryCallback, Properties, QueueInfo, fresh
+from ..base import (
+    CancelCallback,
+    CloseOnce,
+    Delivery,
+    DeliveryCallback,
+    Properties,
+    QueueInfo,
+    fresh,
+)
 from ..params import ConnectionParams
 from .model import Consumer, Exchange, Message, Queue, VHost, copy_properties, current_time, logger
 
@@ -74,16 +82,21 @@ class _Connection(Protocol):
     def _fail(self, reply_code: int, reply_text: str) -> NoReturn: ...
 
 
-class MemoryChannel:
-    """A channel of a ``MemoryConnection``; implements the seam's ``Channel``."""
+class MemoryChannel(CloseOnce):
+    """A channel of a ``MemoryConnection``; implements the seam's ``Channel``.
+
+    Closed (``base.CloseOnce``) when the client or the broker closes it, or
+    with its connection; it is open exactly while ``_reason`` is None.
+    """
+
+    _closed_error = ChannelClosed
+    _what = "channel"
 
     def __init__(self, connection: _Connection, channel_id: int) -> None:
+        super().__init__()
         self._connection = connection
         self._vhost = connection._vhost
         self._channel_id = channel_id
-        self._open = True
-        self._reason: BaseException | None = None
-        self._closed = trio.Event()
         self._prefetch = 0
         self._confirm = False
         self._next_tag = 1
@@ -94,39 +107,19 @@ class MemoryChannel:
         self._last_queue = ""
 
     def __repr__(self) -> str:
-        state = "open" if self._open else f"closed ({self._reason})"
-        return f"<MemoryChannel {self._channel_id} {state}>"
+        return f"<MemoryChannel {self._channel_id} {self._state()}>"
 
     @property
     def channel_id(self) -> int:
         """The channel number, from 1."""
         return self._channel_id
 
-    @property
-    def is_open(self) -> bool:
-        """Whether the channel can be used."""
-        return self._open
-
-    @property
-    def close_reason(self) -> BaseException | None:
-        """Why the channel closed (a ``ChannelClosed`` or ``ConnectionClosed``), or None."""
-        return self._reason
-
-    async def wait_closed(self) -> None:
-        """Return once the channel is closed, for whatever reason."""
-        await self._closed.wait()
-
     # -- failure helpers ------------------------------------------------------
-
-    def _check_open(self) -> None:
-        if not self._open:
-            assert self._reason is not None
-            raise fresh(self._reason)
 
     def _check_open_sync(self) -> None:
         # Settlement always reports a closed channel as ChannelClosed (seam rule).
-        if not self._open:
-            reason = self._reason
+        reason = self._reason
+        if reason is not None:
             if isinstance(reason, ChannelClosed):
                 raise fresh(reason)
             text = reason.reply_text if isinstance(reason, ConnectionClosed) else "closed"
@@ -170,19 +163,13 @@ class MemoryChannel:
         if self._mark_closed(reason):
             self._requeue_unacked()
 
-    def _mark_closed(self, reason: BaseException) -> bool:
-        """First half of a close: no more consumers.  False if it was closed already."""
-        if not self._open:
-            return False
-        self._open = False
-        self._reason = reason
+    def _on_closed(self, reason: BaseException) -> None:
+        """First half of a close (``_mark_closed``): no more consumers."""
         consumers = list(self._consumers.values())
         self._consumers.clear()
         for consumer in consumers:
             self._remove_consumer(consumer)
         self._connection._channels.pop(self._channel_id, None)
-        self._closed.set()
-        return True
 
     def _requeue_unacked(self) -> None:
         """Second half of a close: return the unacked messages to their queues."""
@@ -274,7 +261,7 @@ class MemoryChannel:
     def consumer_cancelled(self, consumer: Consumer) -> None:
         """The queue of ``consumer`` was deleted: the consumer-cancel notification."""
         self._consumers.pop(consumer.tag, None)
-        if consumer.on_cancel is not None and self._open:
+        if consumer.on_cancel is not None and self._reason is None:
             self._connection._post(self, consumer.on_cancel, consumer.tag)
 
     # -- basic ---------------------------------------------------------------

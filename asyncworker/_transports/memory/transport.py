@@ -24,7 +24,7 @@ import trio
 from pamqp.constants import REPLY_SUCCESS
 
 from ..._exceptions import ConnectError, ConnectionClosed
-from ..base import fresh
+from ..base import CloseOnce
 from ..params import ConnectionParams
 from .broker import MemoryBroker, get_broker
 from .channel import MemoryChannel
@@ -39,12 +39,17 @@ __all__ = ["MemoryConnection", "connect"]
 _DISPATCH_BATCH: Final = 256
 
 
-class MemoryConnection:
+class MemoryConnection(CloseOnce):
     """A connection to one vhost of a ``MemoryBroker``; implements ``Connection``.
 
     Its dispatcher task (in the nursery of ``connect()``) calls the delivery
-    and cancel callbacks of all its channels, in order.
+    and cancel callbacks of all its channels, in order.  Closed
+    (``base.CloseOnce``) by the client, by a connection-level error, or when
+    ``connect()``'s context ends; it is open exactly while ``_reason`` is None.
     """
+
+    _closed_error = ConnectionClosed
+    _what = "connection"
 
     def __init__(
         self,
@@ -52,12 +57,10 @@ class MemoryConnection:
         vhost: VHost,
         params: ConnectionParams,
     ) -> None:
+        super().__init__()
         self._broker = broker
         self._vhost = vhost
         self._params = params
-        self._open = True
-        self._reason: BaseException | None = None
-        self._closed = trio.Event()
         self._channels: dict[int, MemoryChannel] = {}
         self._next_channel = 1
         self._exclusive_queues: list[Queue] = []
@@ -68,8 +71,7 @@ class MemoryConnection:
         self._progress: trio.Event | None = None
 
     def __repr__(self) -> str:
-        state = "open" if self._open else f"closed ({self._reason})"
-        return f"<MemoryConnection {self._params.display} {state}>"
+        return f"<MemoryConnection {self._params.display} {self._state()}>"
 
     @property
     def params(self) -> ConnectionParams:
@@ -82,30 +84,14 @@ class MemoryConnection:
         return self._broker
 
     @property
-    def is_open(self) -> bool:
-        """Whether the connection can be used."""
-        return self._open
-
-    @property
     def blocked(self) -> str | None:
         """Always None: the in-memory broker never blocks publishers."""
         return None
 
-    @property
-    def close_reason(self) -> BaseException | None:
-        """Why the connection closed (a ``ConnectionClosed``), or None."""
-        return self._reason
-
-    async def wait_closed(self) -> None:
-        """Return once the connection is closed."""
-        await self._closed.wait()
-
     async def channel(self) -> MemoryChannel:
         """Open a new channel."""
         await trio.lowlevel.checkpoint()
-        if not self._open:
-            assert self._reason is not None
-            raise fresh(self._reason)
+        self._check_open()
         channel = MemoryChannel(self, self._next_channel)
         self._channels[self._next_channel] = channel
         self._next_channel += 1
@@ -113,21 +99,18 @@ class MemoryConnection:
 
     async def aclose(self) -> None:
         """Close the connection; unacknowledged deliveries are requeued."""
-        self._teardown(ConnectionClosed("Normal shutdown", REPLY_SUCCESS))
+        self._mark_closed(ConnectionClosed("Normal shutdown", REPLY_SUCCESS))
         await trio.lowlevel.cancel_shielded_checkpoint()
 
     # -- internals ------------------------------------------------------------
 
     def _fail(self, reply_code: int, reply_text: str) -> NoReturn:
         """Close the connection as the broker would (a connection exception), and raise."""
-        self._teardown(ConnectionClosed(reply_text, reply_code))
+        self._mark_closed(ConnectionClosed(reply_text, reply_code))
         raise ConnectionClosed(reply_text, reply_code)
 
-    def _teardown(self, reason: ConnectionClosed) -> None:
-        if not self._open:
-            return
-        self._open = False
-        self._reason = reason
+    def _on_closed(self, reason: BaseException) -> None:
+        """Close every channel, requeue their unacked messages, drop exclusive queues."""
         # Close every channel before requeueing anything, so that a message
         # returned by one channel is not delivered to (and returned by)
         # another channel of this connection, which would count twice.
@@ -140,7 +123,6 @@ class MemoryConnection:
         self._outbox.clear()
         self._wake_dispatcher()
         self._notify_progress()
-        self._closed.set()
         self._broker._detach(self)
         self._vhost.changed()
 
@@ -166,7 +148,7 @@ class MemoryConnection:
     async def _flush(self) -> None:
         """Wait until the dispatcher ran every callback posted so far."""
         target = self._posted
-        while self._open and self._done < target:
+        while self._reason is None and self._done < target:
             if self._progress is None:
                 self._progress = trio.Event()
             await self._progress.wait()
@@ -174,7 +156,7 @@ class MemoryConnection:
     async def _run_dispatcher(self) -> None:
         outbox = self._outbox
         try:
-            while self._open:
+            while self._reason is None:
                 if not outbox:
                     wake = self._wake = trio.Event()
                     await wake.wait()
@@ -185,7 +167,7 @@ class MemoryConnection:
                     channel, callback, arg = outbox.popleft()
                     self._done += 1
                     # Deliveries of a closed channel were requeued already.
-                    if channel._open:
+                    if channel._reason is None:
                         callback(arg)
                 self._notify_progress()
                 if outbox:
@@ -193,7 +175,7 @@ class MemoryConnection:
         except Exception as exc:
             # The seam forbids callbacks to raise; treat it like a dead reader task.
             logger.exception("memory broker: a delivery callback raised; closing the connection")
-            self._teardown(ConnectionClosed(f"a delivery callback raised {exc!r}"))
+            self._mark_closed(ConnectionClosed(f"a delivery callback raised {exc!r}"))
 
 
 @asynccontextmanager
@@ -217,7 +199,7 @@ async def _connect(
         try:
             yield connection
         finally:
-            connection._teardown(ConnectionClosed("Normal shutdown", REPLY_SUCCESS))
+            connection._mark_closed(ConnectionClosed("Normal shutdown", REPLY_SUCCESS))
             nursery.cancel_scope.cancel()
 
 
