@@ -259,7 +259,7 @@ class TestClient:
         while True:
             # Run due TTL expiries ourselves: the broker's timer lives in a
             # connection's nursery and may not have run yet at this instant.
-            broker._expire_due(trio.current_time())
+            broker.expire_due()
             version = broker.version
             busy, running = self._busy()
             if not busy:
@@ -268,9 +268,8 @@ class TestClient:
                 _changed_since(broker, version),
                 *(consumer.wait_idle for consumer in running),
             ]
-            heap = broker._heap
-            deadline = heap[0][0] if heap else math.inf
-            with trio.move_on_at(deadline):
+            deadline = broker.next_expiry()
+            with trio.move_on_at(math.inf if deadline is None else deadline):
                 await wait_first(*waits)
 
     def _busy(self) -> tuple[bool, list[Consumer]]:
@@ -286,38 +285,36 @@ class TestClient:
                     running.append(consumer)
                 elif stats.waiting:
                     busy = True
-                queue = _queue(broker, route.vhost, consumer.queue)
-                if queue is not None and (queue.ready or queue.unacked):
+                vhost, queue = route.vhost, consumer.queue
+                if broker.has_queue(vhost, queue) and (
+                    broker.queue_size(vhost, queue) or broker.unacked_count(vhost, queue)
+                ):
                     busy = True
-        vhosts = {route.vhost for route in self.app._routes}
-        for vhost in vhosts:
-            vh = broker._vhosts.get(vhost)
-            if vh is None:
-                continue
-            for queue in vh.queues.values():
-                # A delay queue: its messages will expire into another queue.
-                if queue.dlx is not None and any(m.expires_at is not None for m in queue.ready):
-                    busy = True
+        # A delay queue: its messages will expire into another queue.
+        if any(broker.has_delayed_messages(route.vhost) for route in self.app._routes):
+            busy = True
         return busy, running
 
     # -- inspection ----------------------------------------------------------------
 
     def queue_size(self, queue: str, vhost: str | None = None) -> int:
         """Ready messages in ``queue`` (0 if it does not exist)."""
-        q = _queue(self._broker, self._vhost(queue, vhost), queue)
-        return 0 if q is None else len(q.ready)
+        target = self._vhost(queue, vhost)
+        if not self._broker.has_queue(target, queue):
+            return 0
+        return self._broker.queue_size(target, queue)
 
     def messages(self, queue: str, vhost: str | None = None) -> list[bytes]:
         """The bodies of the ready messages of ``queue``, head first, left in place."""
         target = self._vhost(queue, vhost)
-        if _queue(self._broker, target, queue) is None:
+        if not self._broker.has_queue(target, queue):
             return []
         return [delivery.body for delivery in self._broker.ready_messages(target, queue)]
 
     def stats(self, queue: str, vhost: str | None = None) -> QueueStats:
         """The broker's counters of ``queue`` (all 0 if it does not exist)."""
         target = self._vhost(queue, vhost)
-        if _queue(self._broker, target, queue) is None:
+        if not self._broker.has_queue(target, queue):
             return QueueStats()
         return self._broker.stats(target, queue)
 
@@ -352,9 +349,12 @@ class TestClient:
         ``Retry`` (``dead_letter="dlq"``) puts the messages it gave up on.
         """
         target = self._vhost(queue, vhost)
-        q = _queue(self._broker, target, queue)
-        if q is not None and q.dlx is not None:
-            return int(q.stats.dead_lettered)
+        broker = self._broker
+        if (
+            broker.has_queue(target, queue)
+            and broker.queue_arguments(target, queue).get("x-dead-letter-exchange") is not None
+        ):
+            return broker.stats(target, queue).dead_lettered
         return self.stats(f"{queue}.dlq", target).published
 
     # -- helpers ---------------------------------------------------------------------
@@ -377,12 +377,6 @@ class TestClient:
 
 def _restore_params(app: App, params: ConnectionParams) -> None:
     app._params = params
-
-
-def _queue(broker: MemoryBroker, vhost: str, queue: str) -> Any:
-    """The broker's internal queue record, or None if it does not exist."""
-    vh = broker._vhosts.get(vhost)
-    return None if vh is None else vh.queues.get(queue)
 
 
 def _changed_since(broker: MemoryBroker, version: int) -> Callable[[], Awaitable[None]]:

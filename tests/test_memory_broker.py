@@ -6,6 +6,7 @@ import math
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from dataclasses import replace
 
 import pytest
 import trio
@@ -34,6 +35,7 @@ from asyncworker._transports.memory import (
     register_broker,
     unregister_broker,
 )
+from asyncworker._transports.memory import connect as memory_connect
 
 pytestmark = pytest.mark.anyio
 
@@ -112,6 +114,88 @@ async def test_default_broker_registry() -> None:
         unregister_broker(name)
     assert get_broker("reg-test") is not broker
     unregister_broker("reg-test")
+
+
+async def test_connect_to_a_broker_handed_over_directly() -> None:
+    mine = MemoryBroker()  # never registered
+    other = MemoryBroker()
+    name = register_broker(other)
+    try:
+        # params.host names a registered broker: broker= wins over it.
+        params = ConnectionParams.from_url(f"memory://{name}")
+        async with memory_connect(params, broker=mine) as conn:
+            ch = await conn.channel()
+            await ch.queue_declare("q")
+            await ch.confirm_select()
+            await ch.publish(b"x", routing_key="q")
+        assert mine.queue_size("/", "q") == 1
+        assert not other.has_queue("/", "q")
+        with pytest.raises(ConnectError, match="'elsewhere'"):
+            async with memory_connect(replace(params, vhost="elsewhere"), broker=mine):
+                pass
+    finally:
+        unregister_broker(name)
+
+
+async def test_queue_inspection(mem: MemoryBroker) -> None:
+    async with opened(mem) as conn:
+        ch = await conn.channel()
+        await ch.queue_declare("q", arguments={"x-message-ttl": 60_000})
+        await ch.confirm_select()
+        await ch.publish(b"a", routing_key="q")
+        await ch.publish(b"b", routing_key="q")
+        assert mem.has_queue("/", "q")
+        assert not mem.has_queue("/", "nope") and not mem.has_queue("no-vhost", "q")
+        arguments = mem.queue_arguments("/", "q")
+        assert arguments == {"x-message-ttl": 60_000}
+        arguments["x-message-ttl"] = 1  # a copy: the queue keeps its own
+        assert mem.queue_arguments("/", "q") == {"x-message-ttl": 60_000}
+        got = await ch.get("q")
+        assert got is not None
+        assert mem.queue_size("/", "q") == 1 and mem.unacked_count("/", "q") == 1
+        assert [d.body for d in mem.ready_messages("/", "q")] == [b"b"]
+        with pytest.raises(KeyError, match="'nope'"):
+            mem.queue_arguments("/", "nope")
+
+
+def test_delayed_messages_next_expiry_and_expire_due() -> None:
+    broker = MemoryBroker()
+
+    async def main() -> None:
+        params = ConnectionParams.from_url("memory://unused")
+        async with memory_connect(params, broker=broker) as conn:
+            ch = await conn.channel()
+            await ch.queue_declare("work")
+            await ch.queue_declare("plain-ttl", arguments={"x-message-ttl": 5_000})
+            await ch.publish(b"p", routing_key="plain-ttl")
+            # Messages that expire without a dead-letter exchange do not come back.
+            assert not broker.has_delayed_messages()
+            await ch.queue_declare(
+                "delay",
+                arguments={
+                    "x-message-ttl": 30_000,
+                    "x-dead-letter-exchange": "",
+                    "x-dead-letter-routing-key": "work",
+                },
+            )
+            start = trio.current_time()
+            await ch.publish(b"later", routing_key="delay")
+            assert broker.next_expiry() == pytest.approx(start + 5)
+            assert broker.has_delayed_messages() and broker.has_delayed_messages("/")
+            assert not broker.has_delayed_messages("no-such-vhost")
+        # No connection is open now to host the broker's timer: nothing expires
+        # by itself, even once the deadlines are past...
+        await trio.sleep(31)
+        assert broker.has_delayed_messages()
+        assert broker.next_expiry() == pytest.approx(start + 5)
+        # ...until someone runs the due expiries.
+        broker.expire_due()
+        assert not broker.has_delayed_messages()
+        assert broker.next_expiry() is None
+        assert [d.body for d in broker.ready_messages("/", "work")] == [b"later"]
+        assert broker.stats("/", "plain-ttl").expired == 1
+
+    assert run_mock(main) < 5
 
 
 async def test_routing_for_each_exchange_type(mem: MemoryBroker) -> None:

@@ -21,6 +21,7 @@ import itertools
 import logging
 import math
 import secrets
+from typing import Any
 
 import trio
 
@@ -35,9 +36,14 @@ logger = logging.getLogger("asyncworker.memory")
 class MemoryBroker:
     """An in-memory AMQP broker: vhosts, exchanges, queues and their messages.
 
-    ``connect()`` finds brokers by name in a process-wide registry
-    (``get_broker``/``register_broker``).  The inspection helpers below are
-    for tests; they take the vhost first, like RabbitMQ's management API.
+    A connection reaches it when it is handed to the memory transport's
+    ``connect(params, broker=...)``, or by name, through the process-wide
+    registry (``get_broker``/``register_broker``) that ``memory://NAME``
+    URLs use.  The inspection methods below are for tests; they take the
+    vhost first, like RabbitMQ's management API.  Those naming one queue
+    raise ``KeyError`` if it does not exist (``has_queue`` says whether it
+    does), and first expire the messages at its head whose TTL ran out, so
+    that they read what a consumer would find.
     """
 
     def __init__(self) -> None:
@@ -110,6 +116,15 @@ class MemoryBroker:
         """The names of the queues of a vhost, sorted."""
         return sorted(self._vhosts[vhost].queues)
 
+    def has_queue(self, vhost: str, queue: str) -> bool:
+        """Whether ``queue`` exists in ``vhost`` (False if the vhost does not exist)."""
+        vh = self._vhosts.get(vhost)
+        return vh is not None and queue in vh.queues
+
+    def queue_arguments(self, vhost: str, queue: str) -> dict[str, Any]:
+        """The arguments the queue was declared with (``x-message-ttl``, ...), as a copy."""
+        return dict(self._queue(vhost, queue).arguments)
+
     def exchange_names(self, vhost: str = "/") -> list[str]:
         """The names of the exchanges of a vhost (``""`` is the default exchange), sorted."""
         return sorted(self._vhosts[vhost].exchanges)
@@ -167,6 +182,43 @@ class MemoryBroker:
         vhosts = self._vhosts.values() if vhost is None else (self._vhosts[vhost],)
         return not any(q.ready or q.unacked for vh in vhosts for q in vh.queues.values())
 
+    def has_delayed_messages(self, vhost: str | None = None) -> bool:
+        """Whether a queue (of ``vhost``, or of any vhost) holds messages that will
+        expire into its dead-letter exchange: a TTL "delay queue", such as ``Retry``'s.
+
+        Those messages come back to some queue later.  False for a vhost that
+        does not exist.
+        """
+        if vhost is None:
+            vhosts = list(self._vhosts.values())
+        else:
+            vh = self._vhosts.get(vhost)
+            vhosts = [] if vh is None else [vh]
+        return any(
+            q.dlx is not None and any(m.expires_at is not None for m in q.ready)
+            for vh in vhosts
+            for q in vh.queues.values()
+        )
+
+    # -- TTL expiry ---------------------------------------------------------------
+
+    def expire_due(self) -> None:
+        """Expire every message whose TTL has run out, now (dead-letter or drop it).
+
+        The broker's timer does it by itself while a connection is open to
+        host it; a caller about to inspect or wait for the broker may run it
+        at once, since the timer task may not have run yet at this instant.
+        """
+        self._expire_due(trio.current_time())
+
+    def next_expiry(self) -> float | None:
+        """The trio time of the next TTL expiry the timer waits for, or None.
+
+        No message expires before it; the timer may find nothing to expire
+        then (the message was consumed, or its queue deleted).
+        """
+        return self._heap[0][0] if self._heap else None
+
     @property
     def version(self) -> int:
         """A counter that grows on every change of messages or topology."""
@@ -185,12 +237,11 @@ class MemoryBroker:
         connection is open to host the broker's timer.
         """
         while True:
-            now = trio.current_time()
-            self._expire_due(now)
+            self.expire_due()
             if self.is_idle(vhost):
                 return
-            deadline = self._heap[0][0] if self._heap else math.inf
-            with trio.move_on_at(deadline):
+            deadline = self.next_expiry()
+            with trio.move_on_at(math.inf if deadline is None else deadline):
                 await self.wait_for_change()
 
     # -- internals ------------------------------------------------------------
