@@ -143,7 +143,7 @@ class Timeit:
                 "`async with Timeit(...):` or as a decorator, entered and exited by the "
                 "same task"
             )
-        await self._report(end - start, exc_type, exc_val, exc_tb)
+        await self.report(end - start, exc_type, exc_val, exc_tb)
         # Returning None: an exception raised by the block is never swallowed.
 
     def __call__(self, func: Callable[_P, Awaitable[_R]]) -> Callable[_P, Coroutine[Any, Any, _R]]:
@@ -159,20 +159,27 @@ class Timeit:
             try:
                 result = await func(*args, **kwargs)
             except BaseException as exc:
-                await self._report(self.clock() - start, type(exc), exc, exc.__traceback__)
+                await self.report(self.clock() - start, type(exc), exc, exc.__traceback__)
                 raise
-            await self._report(self.clock() - start, None, None, None)
+            await self.report(self.clock() - start, None, None, None)
             return result
 
         return timed
 
-    async def _report(
+    async def report(
         self,
         time_delta: float,
-        exc_type: type[BaseException] | None,
-        exc_val: BaseException | None,
-        exc_tb: TracebackType | None,
+        exc_type: type[BaseException] | None = None,
+        exc_val: BaseException | None = None,
+        exc_tb: TracebackType | None = None,
     ) -> None:
+        """Report one timing that the caller measured with ``clock``, as the end of a block does.
+
+        The callback gets ``time_delta`` and the exception data, with the same
+        rules: awaited if async, shielded when ``exc_val`` is a cancellation.
+        For code that keeps the start time itself (the ``Timing`` middleware
+        does, to avoid the block's per-task bookkeeping).
+        """
         result = self.callback(
             self.name,
             time_delta,

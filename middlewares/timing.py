@@ -70,7 +70,7 @@ class Timing:
         try:
             result = await call_next(message)
         except BaseException as exc:
-            await timeit._report(timeit.clock() - start, type(exc), exc, exc.__traceback__)
+            await timeit.report(timeit.clock() - start, type(exc), exc, exc.__traceback__)
             raise
-        await timeit._report(timeit.clock() - start, None, None, None)
+        await timeit.report(timeit.clock() - start, None, None, None)
         return result

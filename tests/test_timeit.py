@@ -78,6 +78,32 @@ async def test_reports_name_and_elapsed_time() -> None:
     ]
 
 
+async def test_report_passes_a_timing_measured_by_the_caller() -> None:
+    recorder = Recorder()
+    timeit = Timeit(name="measured", callback=recorder, dog="Xablau")
+    error = ValueError("boom")
+    await timeit.report(0.25)
+    await timeit.report(0.5, ValueError, error, None)
+    assert recorder.calls == [
+        {
+            "name": "measured",
+            "time_delta": 0.25,
+            "exc_type": None,
+            "exc_val": None,
+            "exc_tb": None,
+            "dog": "Xablau",
+        },
+        {
+            "name": "measured",
+            "time_delta": 0.5,
+            "exc_type": ValueError,
+            "exc_val": error,
+            "exc_tb": None,
+            "dog": "Xablau",
+        },
+    ]
+
+
 async def test_default_clock_gives_a_sensible_delta() -> None:
     recorder = Recorder()
     async with Timeit(name="t", callback=recorder):
