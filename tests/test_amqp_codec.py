@@ -2,7 +2,9 @@
 
 The byte streams here are built with pamqp's encoder (an implementation
 independent of ours) or by hand, byte for byte, and fed to the client's
-reader through a fake stream, so every read boundary can be tried.
+reader through a scripted stream, so every read boundary can be tried.  The
+channels and consumers are opened through the client's API, the stream
+answering each request as the broker would.
 """
 
 from __future__ import annotations
@@ -12,7 +14,8 @@ import decimal
 import itertools
 import random
 import struct
-from typing import Any
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, TypeVar
 
 import pytest
 import trio
@@ -23,22 +26,60 @@ from pamqp import header as pheader
 from pamqp import heartbeat as pheartbeat
 
 from asyncworker._transports import ConnectionParams, Delivery, Properties
-from asyncworker._transports.amqp.channel import AMQPChannel, _Rpc
+from asyncworker._transports.amqp.channel import AMQPChannel
 from asyncworker._transports.amqp.codec import decode_properties, encode_properties
 from asyncworker._transports.amqp.connection import AMQPConnection
 
 pytestmark = pytest.mark.anyio
 
 
-class ChunkStream(trio.abc.Stream):
-    """A stream that returns preset chunks, then EOF; writes are recorded."""
+T = TypeVar("T")
 
-    def __init__(self, chunks: list[bytes]) -> None:
-        self.chunks = chunks
+
+class ChunkStream(trio.abc.Stream):
+    """The broker's side, scripted: ``feed()`` queues chunks for the reader,
+    ``end()`` is EOF once they are read; writes are recorded."""
+
+    def __init__(self) -> None:
+        self.chunks: list[bytes] = []
         self.sent: list[bytes] = []
+        self.ended = False
+        self._more = trio.Event()
+
+    def feed(self, *chunks: bytes) -> None:
+        self.chunks.extend(chunks)
+        self._more.set()
+
+    def end(self) -> None:
+        self.ended = True
+        self._more.set()
+
+    async def answer(
+        self, conn: AMQPConnection, requests: Sequence[Awaitable[T]], replies: list[bytes]
+    ) -> list[T]:
+        """Run ``requests`` until each has sent its frame, feed ``replies``, return the results.
+
+        (A reply must not be read before its request's waiter is queued.)
+        """
+        results: dict[int, T] = {}
+
+        async def run(index: int, request: Awaitable[T]) -> None:
+            results[index] = await request
+
+        sent = len(conn.out)
+        async with trio.open_nursery() as nursery:
+            for index, request in enumerate(requests):
+                nursery.start_soon(run, index, request)
+            while len(conn.out) < sent + len(requests):
+                await trio.lowlevel.checkpoint()
+            self.feed(*replies)
+        return [results[index] for index in range(len(requests))]
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
         await trio.lowlevel.checkpoint()
+        while not self.chunks and not self.ended:
+            self._more = trio.Event()
+            await self._more.wait()
         if not self.chunks:
             return b""
         chunk = self.chunks.pop(0)
@@ -136,18 +177,65 @@ def _recorded_stream() -> tuple[bytes, list[tuple[int, int, bytes, Properties]]]
     return b"".join(stream), expected
 
 
+# The broker's answers to opening channel N and consuming on it as ``ctag-N``.
+_OPEN_OK = {i: pframe.marshal(commands.Channel.OpenOk(), i) for i in (1, 2, 3)}
+_CONSUME_OK = {
+    i: pframe.marshal(commands.Basic.ConsumeOk(consumer_tag=f"ctag-{i}"), i) for i in (1, 2, 3)
+}
+
+
+async def _consuming(
+    stream: ChunkStream, conn: AMQPConnection, count: int, received: list[Delivery]
+) -> list[AMQPChannel]:
+    """Open channels 1..``count``, each with a consumer ``ctag-<channel>`` feeding ``received``."""
+    ids = range(1, count + 1)
+    channels = await stream.answer(conn, [conn.channel() for _ in ids], [_OPEN_OK[i] for i in ids])
+    channels.sort(key=lambda ch: ch.channel_id)
+    assert [ch.channel_id for ch in channels] == list(ids)
+    consumes = [
+        ch.consume("q", received.append, consumer_tag=f"ctag-{ch.channel_id}") for ch in channels
+    ]
+    await stream.answer(conn, consumes, [_CONSUME_OK[i] for i in ids])
+    return channels
+
+
+async def _read(
+    conn: AMQPConnection,
+    stream: ChunkStream,
+    chunks: list[bytes],
+    setup: Callable[[trio.Nursery], Awaitable[None]],
+) -> None:
+    """Run the reader: ``setup(nursery)``, then ``chunks``, then EOF."""
+    async with trio.open_nursery() as nursery:
+        # The reader alone (no handshake, writer or heartbeats): what connect()
+        # starts around it needs a broker, and would hide the read boundaries.
+        nursery.start_soon(conn._reader)  # noqa: SLF001 — see the comment above
+        await setup(nursery)
+        stream.feed(*chunks)
+        stream.end()
+
+
 async def _parse(chunks: list[bytes]) -> tuple[list[Delivery], Any, AMQPConnection]:
-    conn = AMQPConnection(ConnectionParams(), ChunkStream(chunks))
+    stream = ChunkStream()
+    conn = AMQPConnection(ConnectionParams(), stream)
     received: list[Delivery] = []
-    for channel_id in (1, 2, 3):
-        ch = AMQPChannel(conn, channel_id)
-        conn._channels[channel_id] = ch
-        ch._consumers[f"ctag-{channel_id}"] = (received.append, None)
-    rpc = _Rpc((commands.Basic.GetOk, commands.Basic.GetEmpty))
-    conn._channels[3]._rpcs.append(rpc)
-    await conn._reader()  # returns at EOF
+    got: list[Delivery | None] = []
+
+    async def setup(nursery: trio.Nursery) -> None:
+        *_, third = await _consuming(stream, conn, 3, received)
+        # Its basic.get-ok is in the recorded stream: wait until basic.get is sent.
+        sent = len(conn.out)
+        nursery.start_soon(_get, third, got)
+        while len(conn.out) == sent:
+            await trio.lowlevel.checkpoint()
+
+    await _read(conn, stream, chunks, setup)
     assert "the broker closed the socket" in str(conn.close_reason)
-    return received, rpc.result, conn
+    return received, got[0] if got else None, conn
+
+
+async def _get(ch: AMQPChannel, got: list[Delivery | None]) -> None:
+    got.append(await ch.get("q"))
 
 
 def _check(received: list[Delivery], got: Any, conn: AMQPConnection, expected: Any) -> None:
@@ -370,12 +458,14 @@ async def test_delivery_with_non_utf8_routing_key_is_delivered() -> None:
         + pframe.marshal(pheader.ContentHeader(0, 2, commands.Basic.Properties()), 1)
         + pframe.marshal(pbody.ContentBody(b"hi"), 1)
     )
-    conn = AMQPConnection(ConnectionParams(), ChunkStream([data]))
-    ch = AMQPChannel(conn, 1)
-    conn._channels[1] = ch
+    stream = ChunkStream()
+    conn = AMQPConnection(ConnectionParams(), stream)
     received: list[Delivery] = []
-    ch._consumers["ctag-1"] = (received.append, None)
+
+    async def setup(nursery: trio.Nursery) -> None:
+        await _consuming(stream, conn, 1, received)
+
     with trio.fail_after(5):
-        await conn._reader()
+        await _read(conn, stream, [data], setup)
     assert "protocol error" not in str(conn.close_reason)
     assert [(d.routing_key, d.body) for d in received] == [("k\ufffd\ufffd", b"hi")]

@@ -30,6 +30,7 @@ from asyncworker._exceptions import (
 )
 from asyncworker._transports import ConnectionParams, Delivery, Properties
 from asyncworker._transports.amqp import AMQPChannel, AMQPConnection, connect
+from asyncworker._transports.amqp.channel import ChannelStatistics
 
 from .conftest import broker_connections, close_broker_connections
 
@@ -489,10 +490,10 @@ class _Recorder:
     def __init__(self) -> None:
         self.frames: list[bytes] = []
 
-    def _check_open(self) -> None:
+    def check_open(self) -> None:
         pass
 
-    def _push(self, frame: bytes) -> None:
+    def push(self, frame: bytes) -> None:
         self.frames.append(frame)
 
 
@@ -603,7 +604,8 @@ async def test_bad_arguments_raise_before_anything_is_sent() -> None:
         with pytest.raises(ValueError, match="frame_max"):
             await ch.queue_declare("q", arguments={"huge": "x" * recorder.frame_max})
     assert recorder.frames == []
-    assert ch.is_open and not ch._consumers and not ch._rpcs
+    assert ch.is_open
+    assert ch.statistics() == ChannelStatistics(consumers=0, requests_waiting=0, unconfirmed=0)
 
 
 async def test_consume_with_a_negative_priority() -> None:
@@ -772,14 +774,14 @@ async def test_both_io_paths_consume_and_ack(
 
         def stream_only(self: AMQPConnection, *args: object, **kwargs: object) -> None:
             original(self, *args, **kwargs)  # type: ignore[arg-type]
-            self._fd = -1
+            self.fd = -1
 
         monkeypatch.setattr(AMQPConnection, "__init__", stream_only)
     queue = qname("io-path")
     big = bytes(range(256)) * 4096  # 1 MiB: many frames, many reads
     with trio.fail_after(30):
         async with open_channel(queue) as (conn, ch):
-            assert (conn._fd >= 0) is direct_fd
+            assert (conn.fd >= 0) is direct_fd
             await ch.confirm_select()
             for i in range(50):
                 await ch.publish(b"%d" % i, routing_key=queue)
@@ -835,7 +837,7 @@ async def test_a_channel_open_cancelled_before_open_ok_leaves_nothing_open() -> 
         assert cancelled_in_flight, "open-ok always arrived before the cancellation"
         # Each abandoned channel is closed as soon as the broker opened it,
         # and its number is free again.
-        await wait_for_condition(lambda: list(conn._channels) == [kept.channel_id])
+        await wait_for_condition(lambda: conn.statistics().channels == (kept.channel_id,))
         assert await broker_channel_count(name) == 1
         again = await conn.channel()
         assert again.channel_id == kept.channel_id + 1

@@ -256,22 +256,22 @@ def fresh(exc: BaseException) -> BaseException:
 class CloseOnce:
     """The open/closed state of a connection or channel: it closes once.
 
-    As aiormq's ``Base``: ``_mark_closed(reason)`` records why the object
+    As aiormq's ``Base``: ``mark_closed(reason)`` records why the object
     closed (the first reason wins; later calls change nothing), calls the
     subclass's ``_on_closed(reason)``, which fails every waiter it keeps
     (pending requests, unconfirmed publishes, channels of a connection) with
     that reason, and then wakes every task in ``wait_closed()``.  Operations
-    call ``_check_open()``, which raises a fresh copy of the reason.
+    call ``check_open()``, which raises a fresh copy of the reason.
 
     ``_closing`` is set by a subclass while a close it asked for is under
     way (``channel.close`` sent, no ``close-ok`` yet): the object no longer
-    counts as open, ``_check_open()`` raises ``_closed_error`` naming
-    ``_what``, and the reason comes with ``_mark_closed`` once the close
+    counts as open, ``check_open()`` raises ``_closed_error`` naming
+    ``_what``, and the reason comes with ``mark_closed`` once the close
     completes.  The attributes are read directly on the hot paths (``ack``
     tests ``_reason`` and ``_closing`` itself before calling anything).
     """
 
-    #: What ``_check_open`` raises while a close is under way, and what is closing.
+    #: What ``check_open`` raises while a close is under way, and what is closing.
     _closed_error: ClassVar[type[ChannelClosed | ConnectionClosed]]
     _what: ClassVar[str]
 
@@ -298,14 +298,14 @@ class CloseOnce:
         """Return once it is closed, for whatever reason."""
         await self._closed_event.wait()
 
-    def _check_open(self) -> None:
+    def check_open(self) -> None:
         """Raise a fresh copy of the close reason if it is closed (or closing)."""
         if self._reason is not None:
             raise fresh(self._reason)
         if self._closing:
             raise self._closed_error(f"the {self._what} is closing")
 
-    def _mark_closed(self, reason: BaseException) -> bool:
+    def mark_closed(self, reason: BaseException) -> bool:
         """Close with ``reason`` and fail every waiter; False if it was closed already."""
         if self._reason is not None:
             return False

@@ -4,14 +4,14 @@
 never touches the socket: what it sends goes, already encoded by ``codec``,
 into its connection's outgoing list for the writer task, and the reader task
 of ``connection`` calls its ``_on_*`` methods with what arrives for it: the
-hot frames decoded by hand, every other method frame through ``_on_method``.
+hot frames decoded by hand, every other method frame through ``on_method``.
 
 What it uses of its connection is spelt out by ``_Connection`` below: the
 connection module imports this one, never the other way round.  The hot
 settlement path (``ack``) works on the connection's writer state directly,
 as it did when both lived in one module: no call is added per message.
 
-Closing is ``base.CloseOnce``'s: ``_mark_closed(reason)`` runs once and
+Closing is ``base.CloseOnce``'s: ``mark_closed(reason)`` runs once and
 ``_on_closed`` fails every waiting request and unconfirmed publish with the
 reason; later operations raise a fresh copy of it (``ChannelClosed``, or
 ``ConnectionClosed`` when the connection died).
@@ -19,6 +19,7 @@ reason; later operations raise a fresh copy of it (``ChannelClosed``, or
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from collections import deque
@@ -90,36 +91,47 @@ class _Connection(Protocol):
     """What a channel uses of its connection (``connection.AMQPConnection``).
 
     The writer's state is read and written directly by ``AMQPChannel.ack``
-    and ``publish``: ``_out`` (frames waiting for the writer), ``_out_size``
-    (publish bytes in it, for back-pressure), ``_wake`` (set while the
-    writer sleeps), ``_fd`` (the socket, or -1 on TLS), ``_last_send`` and
-    ``_now`` (the clock of the inline-ack decision).
+    and ``publish``: ``out`` (frames waiting for the writer), ``out_size``
+    (publish bytes in it, for back-pressure), ``wake`` (set while the
+    writer sleeps), ``fd`` (the socket, or -1 on TLS), ``last_send`` and
+    ``now`` (the clock of the inline-ack decision).
     """
 
-    _fd: int
-    _out: list[bytes | memoryview]
-    _out_size: int
-    _wake: trio.Event | None
-    _last_send: float
-    _frame_max: int
-    _now: Callable[[], float]
+    fd: int
+    out: list[bytes | memoryview]
+    out_size: int
+    wake: trio.Event | None
+    last_send: float
+    now: Callable[[], float]
 
     @property
     def frame_max(self) -> int: ...
 
-    def _check_open(self) -> None: ...
+    def check_open(self) -> None: ...
 
-    def _push(self, frame: bytes) -> None: ...
+    def push(self, frame: bytes) -> None: ...
 
-    def _push_many(self, frames: list[bytes | memoryview]) -> None: ...
+    def push_many(self, frames: list[bytes | memoryview]) -> None: ...
 
-    def _wake_writer(self) -> None: ...
+    def wake_writer(self) -> None: ...
 
-    async def _wait_drained(self) -> None: ...
+    async def wait_drained(self) -> None: ...
 
-    def _new_consumer_tag(self, channel_id: int) -> str: ...
+    def new_consumer_tag(self, channel_id: int) -> str: ...
 
-    def _release(self, channel_id: int) -> None: ...
+    def release(self, channel_id: int) -> None: ...
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ChannelStatistics:
+    """What an ``AMQPChannel`` is waiting for, from ``AMQPChannel.statistics()``."""
+
+    #: Consumers registered on the channel.
+    consumers: int
+    #: Synchronous requests sent and not answered yet.
+    requests_waiting: int
+    #: Publishes sent in confirm mode and not confirmed yet.
+    unconfirmed: int
 
 
 def channel_error(reply_text: str, reply_code: int) -> ChannelClosed:
@@ -177,6 +189,8 @@ class AMQPChannel(CloseOnce):
         super().__init__()
         self._conn = connection
         self._id = channel_id
+        # Negotiated before any channel opens; read once, not on every publish.
+        self._frame_max = connection.frame_max
         self._lock = trio.Lock()
         self._rpcs: deque[_Rpc] = deque()
         self._consumers: dict[str, tuple[DeliveryCallback, CancelCallback | None]] = {}
@@ -201,6 +215,10 @@ class AMQPChannel(CloseOnce):
         """The channel number."""
         return self._id
 
+    def statistics(self) -> ChannelStatistics:
+        """Consumers, unanswered requests and unconfirmed publishes, as of now."""
+        return ChannelStatistics(len(self._consumers), len(self._rpcs), len(self._unconfirmed))
+
     def _on_closed(self, reason: BaseException) -> None:
         """Fail every waiting request and unconfirmed publish; forget the consumers."""
         self._content = None
@@ -215,12 +233,12 @@ class AMQPChannel(CloseOnce):
         self._unconfirmed.clear()
         self._consumers.clear()
 
-    def _abandon(self) -> None:
+    def abandon(self) -> None:
         """Close this channel without waiting: its opener gave up after channel.open."""
         if self._reason is not None or self._closing:
             return
         self._closing = True
-        self._conn._push(close_frame(self._id))
+        self._conn.push(close_frame(self._id))
 
     # -- synchronous requests
 
@@ -242,15 +260,15 @@ class AMQPChannel(CloseOnce):
         else:
             frame = method_frame(self._id, method)
         async with self._lock:
-            self._check_open()
-            self._conn._check_open()
-            rpc = self._request(frame, expect)
+            self.check_open()
+            self._conn.check_open()
+            rpc = self.request(frame, expect)
             await rpc.event.wait()
         if rpc.error is not None:
             raise fresh(rpc.error)
         return rpc.result
 
-    def _request(self, frame: bytes, expect: tuple[type[Any], ...]) -> _Rpc:
+    def request(self, frame: bytes, expect: tuple[type[Any], ...]) -> _Rpc:
         """Queue a waiter for the reply, then send ``frame``.
 
         The waiter stays queued even if its caller gives up: replies arrive in
@@ -259,7 +277,7 @@ class AMQPChannel(CloseOnce):
         """
         rpc = _Rpc(expect)
         self._rpcs.append(rpc)
-        self._conn._push(frame)
+        self._conn.push(frame)
         return rpc
 
     def _on_reply(self, method: _PamqpMethod | None, result: Any) -> None:
@@ -301,7 +319,7 @@ class AMQPChannel(CloseOnce):
         # Choose the tag ourselves so that the callback is registered before
         # the first delivery can arrive (deliveries may follow consume-ok in
         # the very same read).
-        tag = consumer_tag or self._conn._new_consumer_tag(self._id)
+        tag = consumer_tag or self._conn.new_consumer_tag(self._id)
         if tag in self._consumers:
             raise ValueError(f"consumer tag {tag!r} is already in use on this channel")
         self._consumers[tag] = (on_delivery, on_cancel)
@@ -330,36 +348,36 @@ class AMQPChannel(CloseOnce):
     def ack(self, delivery_tag: int, multiple: bool = False) -> None:
         """Acknowledge a delivery (queued for the writer, no wait)."""
         if self._reason is not None or self._closing:
-            self._check_open()
+            self.check_open()
         conn = self._conn
         frame = settle_frame.pack(
             FRAME_METHOD, self._id, 13, BASIC_ACK, delivery_tag, multiple, FRAME_END
         )
-        if conn._wake is not None:
+        if conn.wake is not None:
             # The writer is idle: send at once if nothing was sent lately
             # (a moderate rate, where waking the writer would cost a whole
             # scheduler pass per message); at high rates, leave it to the
             # writer, which sends all the acks of a pass in one write.
-            if conn._fd >= 0 and not conn._out:
-                now = conn._now()
-                if now - conn._last_send > _INLINE_SEND_GAP:
+            if conn.fd >= 0 and not conn.out:
+                now = conn.now()
+                if now - conn.last_send > _INLINE_SEND_GAP:
                     try:
-                        sent = os.write(conn._fd, frame)
+                        sent = os.write(conn.fd, frame)
                     except OSError:
                         sent = 0  # the writer will meet the error and fail the connection
-                    conn._last_send = now
+                    conn.last_send = now
                     if sent == len(frame):
                         return
                     frame = frame[sent:]
-            conn._out.append(frame)
-            conn._wake_writer()
+            conn.out.append(frame)
+            conn.wake_writer()
         else:
-            conn._out.append(frame)
+            conn.out.append(frame)
 
     def reject(self, delivery_tag: int, requeue: bool = True) -> None:
         """Reject a delivery, requeueing it or not (dead-lettering it if configured)."""
-        self._check_open()
-        self._conn._push(
+        self.check_open()
+        self._conn.push(
             settle_frame.pack(
                 FRAME_METHOD, self._id, 13, BASIC_REJECT, delivery_tag, requeue, FRAME_END
             )
@@ -367,8 +385,8 @@ class AMQPChannel(CloseOnce):
 
     def nack(self, delivery_tag: int, multiple: bool = False, requeue: bool = True) -> None:
         """Negatively acknowledge one delivery (or all up to it, with ``multiple``)."""
-        self._check_open()
-        self._conn._push(
+        self.check_open()
+        self._conn.push(
             settle_frame.pack(
                 FRAME_METHOD,
                 self._id,
@@ -402,18 +420,18 @@ class AMQPChannel(CloseOnce):
         ``PublishNacked`` on a nack and ``Unroutable`` if a mandatory message
         was returned.  Without confirms, return once it is queued.
         """
-        self._check_open()
+        self.check_open()
         conn = self._conn
-        conn._check_open()
-        if conn._out_size > HIGH_WATER:
-            await conn._wait_drained()
-            self._check_open()
-            conn._check_open()
+        conn.check_open()
+        if conn.out_size > HIGH_WATER:
+            await conn.wait_drained()
+            self.check_open()
+            conn.check_open()
         frames = encode_publish(
-            self._id, body, exchange, routing_key, properties, mandatory, conn._frame_max
+            self._id, body, exchange, routing_key, properties, mandatory, self._frame_max
         )
         if not self._confirm:
-            conn._push_many(frames)
+            conn.push_many(frames)
             await trio.lowlevel.checkpoint()
             return
         confirm = _Confirm(exchange, routing_key, body, mandatory)
@@ -421,7 +439,7 @@ class AMQPChannel(CloseOnce):
         # queued synchronously right here, so the two cannot diverge.
         self._unconfirmed[self._next_seq] = confirm
         self._next_seq += 1
-        conn._push_many(frames)
+        conn.push_many(frames)
         await confirm.event.wait()
         if confirm.error is not None:
             raise fresh(confirm.error)
@@ -511,28 +529,28 @@ class AMQPChannel(CloseOnce):
             async with self._lock:
                 if self._reason is not None:
                     return
-                self._conn._check_open()
+                self._conn.check_open()
                 # From here on, deliveries are dropped (the broker requeues
                 # them) and settlements raise: the broker ignores them anyway.
                 self._closing = True
-                rpc = self._request(close_frame(self._id), (commands.Channel.CloseOk,))
+                rpc = self.request(close_frame(self._id), (commands.Channel.CloseOk,))
                 await rpc.event.wait()
         except (ChannelClosed, ConnectionClosed):
             pass  # already gone: that is what was asked for
         if self._reason is None:
-            self._mark_closed(reason)
-            self._conn._release(self._id)
+            self.mark_closed(reason)
+            self._conn.release(self._id)
 
     # -- reader callbacks (called synchronously from the reader task)
 
-    def _on_method(self, method: _PamqpMethod) -> None:
+    def on_method(self, method: _PamqpMethod) -> None:
         """Handle a method frame for this channel that ``_process`` did not decode itself."""
         if isinstance(method, commands.Basic.Nack):
-            self._on_confirm(method.delivery_tag, method.multiple, True)
+            self.on_confirm(method.delivery_tag, method.multiple, True)
         elif isinstance(method, commands.Basic.Ack):
-            self._on_confirm(method.delivery_tag, method.multiple, False)
+            self.on_confirm(method.delivery_tag, method.multiple, False)
         elif isinstance(method, commands.Basic.GetOk):
-            self._start_content(
+            self.start_content(
                 (
                     GET_OK,
                     method.delivery_tag,
@@ -545,43 +563,43 @@ class AMQPChannel(CloseOnce):
         elif isinstance(method, commands.Basic.GetEmpty):
             self._on_reply(method, None)
         elif isinstance(method, commands.Basic.Return):
-            self._start_content(
+            self.start_content(
                 (RETURN, method.reply_code, method.reply_text, method.exchange, method.routing_key)
             )
         elif isinstance(method, commands.Basic.Cancel):
             # The broker cancelled a consumer (e.g. its queue was deleted).
             if not method.nowait:
-                self._conn._push(
+                self._conn.push(
                     method_frame(
                         self._id, commands.Basic.CancelOk(consumer_tag=method.consumer_tag)
                     )
                 )
             self._on_cancel(method.consumer_tag or "")
         elif isinstance(method, commands.Channel.Close):
-            self._conn._push(method_frame(self._id, commands.Channel.CloseOk()))
-            self._mark_closed(channel_error(method.reply_text or "", method.reply_code or 0))
+            self._conn.push(method_frame(self._id, commands.Channel.CloseOk()))
+            self.mark_closed(channel_error(method.reply_text or "", method.reply_code or 0))
             if not self._closing:
-                self._conn._release(self._id)
+                self._conn.release(self._id)
             # else: both sides closed at once and the broker will still answer
             # our channel.close; keep the number until it did, so that the
             # stray close-ok cannot reach a new channel with the same number.
         elif isinstance(method, commands.Channel.CloseOk):
             if self._rpcs:
                 self._on_reply(method, None)
-            self._mark_closed(ChannelClosed("closed by the client"))
-            self._conn._release(self._id)
+            self.mark_closed(ChannelClosed("closed by the client"))
+            self._conn.release(self._id)
         elif isinstance(method, commands.Channel.Flow):
-            self._conn._push(method_frame(self._id, commands.Channel.FlowOk(active=method.active)))
+            self._conn.push(method_frame(self._id, commands.Channel.FlowOk(active=method.active)))
         else:
             self._on_reply(method, method)
 
-    def _start_content(self, content: tuple[Any, ...]) -> None:
+    def start_content(self, content: tuple[Any, ...]) -> None:
         self._content = content
         self._props = None
         self._body_size = 0
         self._body_received = 0
 
-    def _on_header(self, data: bytes, start: int) -> None:
+    def on_header(self, data: bytes, start: int) -> None:
         if self._content is None:
             raise ProtocolError(f"content header without a method on channel {self._id}")
         _cls, _weight, size, flags = content_head.unpack_from(data, start)
@@ -597,7 +615,7 @@ class AMQPChannel(CloseOnce):
         if size == 0:
             self._complete(b"")
 
-    def _on_body(self, data: bytes, start: int, end: int) -> None:
+    def on_body(self, data: bytes, start: int, end: int) -> None:
         if self._props is None:
             raise ProtocolError(f"content body without a header on channel {self._id}")
         n = end - start
@@ -621,7 +639,7 @@ class AMQPChannel(CloseOnce):
         self._props = None
         kind = content[0]
         if kind == DELIVER:
-            self._deliver(content, body, props)
+            self.deliver(content, body, props)
         elif kind == GET_OK:
             _, tag, redelivered, exchange, routing_key, count = content
             self._on_reply(
@@ -631,7 +649,7 @@ class AMQPChannel(CloseOnce):
             _, code, text, exchange, routing_key = content
             self._on_return(code, text, exchange, routing_key, body)
 
-    def _deliver(self, content: tuple[Any, ...], body: bytes, props: Properties) -> None:
+    def deliver(self, content: tuple[Any, ...], body: bytes, props: Properties) -> None:
         consumer = self._consumers.get(content[1])
         if consumer is None or self._closing:
             # Cancelled consumer or closing channel: the broker requeues
@@ -670,7 +688,7 @@ class AMQPChannel(CloseOnce):
             reply_code,
         )
 
-    def _on_confirm(self, delivery_tag: int, multiple: bool, nacked: bool) -> None:
+    def on_confirm(self, delivery_tag: int, multiple: bool, nacked: bool) -> None:
         unconfirmed = self._unconfirmed
         if multiple:
             done = [seq for seq in unconfirmed if seq <= delivery_tag]

@@ -11,7 +11,7 @@ pamqp's codec.  One connection runs three background tasks:
   reader, through the ``AMQPChannel`` (``channel``) the frame is for.
 * the **writer** sends everything queued since its last wake-up in one
   ``send_all``.  Callers never write to the socket: they append already
-  marshalled frames to ``_out`` and wake the writer, so an ``ack`` costs a
+  marshalled frames to ``out`` and wake the writer, so an ``ack`` costs a
   ``struct.pack`` and a list append, and a burst of acks becomes one write.
 * the **heartbeater** (only if a heartbeat was negotiated) sends heartbeats
   when the connection is idle and declares it dead when the broker is silent.
@@ -27,6 +27,7 @@ added no attribute lookup per frame.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import platform
@@ -98,6 +99,14 @@ _CAPABILITIES: Final[dict[str, Any]] = {
 }
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class ConnectionStatistics:
+    """An ``AMQPConnection``'s channels, from ``AMQPConnection.statistics()``."""
+
+    #: The numbers of the channels in use (open, or closing until close-ok), ascending.
+    channels: tuple[int, ...]
+
+
 class _EOF(Exception):
     """The socket was closed by the peer."""
 
@@ -119,7 +128,7 @@ class AMQPConnection(CloseOnce):
         # directly (see _receive/_send_all): trio's stream methods add a
         # scheduler pass to every successful call, which at moderate message
         # rates is a large part of the cost of a message.  TLS uses the stream.
-        self._fd = stream.socket.fileno() if isinstance(stream, trio.SocketStream) else -1
+        self.fd = stream.socket.fileno() if isinstance(stream, trio.SocketStream) else -1
         self._reads_in_a_row = 0
         self._read_was_small = False
         self._frame_max = params.frame_max
@@ -132,14 +141,14 @@ class AMQPConnection(CloseOnce):
         #: Set while the broker has blocked publishing (connection.blocked).
         self.blocked: str | None = None
         # Outgoing frames and the writer's wake-up event (None while it runs).
-        self._out: list[bytes | memoryview] = []
-        self._out_size = 0  # only maintained for publishes (back-pressure)
-        self._wake: trio.Event | None = None
+        self.out: list[bytes | memoryview] = []
+        self.out_size = 0  # only maintained for publishes (back-pressure)
+        self.wake: trio.Event | None = None
         self._drained: trio.Event | None = None
-        self._last_send = 0.0
+        self.last_send = 0.0
         self._last_recv = 0.0
         # trio.current_time() without its layers of indirection (on the hot path).
-        self._now = trio.lowlevel.current_clock().current_time
+        self.now = trio.lowlevel.current_clock().current_time
         self._inbuf = bytearray()  # handshake reads; the leftover goes to the reader
 
     def __repr__(self) -> str:
@@ -162,13 +171,17 @@ class AMQPConnection(CloseOnce):
         """The negotiated heartbeat interval in seconds (0: none)."""
         return self._heartbeat
 
+    def statistics(self) -> ConnectionStatistics:
+        """The channel numbers in use, as of now."""
+        return ConnectionStatistics(tuple(sorted(self._channels)))
+
     def _fail(self, reason: BaseException, *, grace: float = 0.0) -> None:
         """Mark the connection and its channels closed and stop the background.
 
         The first reason wins.  ``grace`` leaves the writer that long to flush
         (e.g. a close-ok); each call may shorten the background's deadline.
         """
-        if self._mark_closed(reason) and not self._closing:
+        if self.mark_closed(reason) and not self._closing:
             log.warning("%s: %s", self._params.display, reason)
         if self._bg_scope is not None:
             if grace:
@@ -179,10 +192,10 @@ class AMQPConnection(CloseOnce):
     def _on_closed(self, reason: BaseException) -> None:
         """Close every channel with ``reason`` and wake every task that waits."""
         for channel in list(self._channels.values()):
-            channel._mark_closed(reason)
+            channel.mark_closed(reason)
         self._close_ok.set()
-        if self._wake is not None:
-            self._wake_writer()
+        if self.wake is not None:
+            self.wake_writer()
         if self._drained is not None:
             self._drained.set()
 
@@ -190,7 +203,7 @@ class AMQPConnection(CloseOnce):
 
     async def channel(self) -> AMQPChannel:
         """Open a new channel."""
-        self._check_open()
+        self.check_open()
         channel_id = 1
         while channel_id in self._channels:
             channel_id += 1
@@ -200,7 +213,7 @@ class AMQPConnection(CloseOnce):
         self._channels[channel_id] = ch
         # Sent at once (a new channel has no other request to wait for), so
         # that an opener cancelled from here on knows channel.open went out.
-        rpc = ch._request(
+        rpc = ch.request(
             method_frame(channel_id, commands.Channel.Open()), (commands.Channel.OpenOk,)
         )
         try:
@@ -209,16 +222,16 @@ class AMQPConnection(CloseOnce):
             # Given up (cancelled): the broker opens the channel anyway, or
             # already has.  Close it right behind the open; its close-ok
             # frees the number.
-            ch._abandon()
+            ch.abandon()
             raise
         if rpc.error is not None:
             raise fresh(rpc.error)
         return ch
 
-    def _release(self, channel_id: int) -> None:
+    def release(self, channel_id: int) -> None:
         self._channels.pop(channel_id, None)
 
-    def _new_consumer_tag(self, channel_id: int) -> str:
+    def new_consumer_tag(self, channel_id: int) -> str:
         self._consumer_seq += 1
         return f"asyncworker.{channel_id}.{self._consumer_seq}"
 
@@ -229,7 +242,7 @@ class AMQPConnection(CloseOnce):
         if self._reason is None and not self._closing:
             self._closing = True
             with trio.move_on_after(_CLOSE_TIMEOUT, shield=True):
-                self._push(
+                self.push(
                     method_frame(
                         0,
                         commands.Connection.Close(
@@ -250,33 +263,33 @@ class AMQPConnection(CloseOnce):
 
     # -- writing
 
-    def _wake_writer(self) -> None:
-        wake = self._wake
+    def wake_writer(self) -> None:
+        wake = self.wake
         if wake is not None:
-            self._wake = None
+            self.wake = None
             wake.set()
 
-    def _push(self, frame: bytes) -> None:
-        self._out.append(frame)
-        if self._wake is not None:
-            self._wake_writer()
+    def push(self, frame: bytes) -> None:
+        self.out.append(frame)
+        if self.wake is not None:
+            self.wake_writer()
 
-    def _push_many(self, frames: list[bytes | memoryview]) -> None:
+    def push_many(self, frames: list[bytes | memoryview]) -> None:
         # One extend: the frames of one message are never interleaved with
         # another message's (every frame of the list goes out in one write).
-        self._out.extend(frames)
-        self._out_size += sum(map(len, frames))
-        if self._wake is not None:
-            self._wake_writer()
+        self.out.extend(frames)
+        self.out_size += sum(map(len, frames))
+        if self.wake is not None:
+            self.wake_writer()
 
-    async def _wait_drained(self) -> None:
-        while self._out_size > HIGH_WATER and self._reason is None:
+    async def wait_drained(self) -> None:
+        while self.out_size > HIGH_WATER and self._reason is None:
             if self._drained is None:
                 self._drained = trio.Event()
             await self._drained.wait()
 
     async def _send_all(self, data: bytes | memoryview) -> None:
-        fd = self._fd
+        fd = self.fd
         if fd < 0:
             await self._stream.send_all(data)
             return
@@ -291,7 +304,7 @@ class AMQPConnection(CloseOnce):
 
     async def _receive(self, size: int) -> bytes:
         """Up to ``size`` bytes; b"" at EOF.  Waits only when nothing is there."""
-        fd = self._fd
+        fd = self.fd
         if fd < 0:
             chunk = await self._stream.receive_some(size)
             # Body parts keep views of received chunks: they must be immutable.
@@ -319,20 +332,20 @@ class AMQPConnection(CloseOnce):
     async def _writer(self) -> None:
         try:
             while True:
-                if not self._out:
+                if not self.out:
                     if self._reason is not None:
                         return
-                    wake = self._wake = trio.Event()
+                    wake = self.wake = trio.Event()
                     await wake.wait()
                     continue
-                out = self._out
-                self._out = []
+                out = self.out
+                self.out = []
                 data = b"".join(out) if len(out) > 1 else out[0]
                 await self._send_all(data)
-                self._last_send = self._now()
-                if self._out_size:
-                    self._out_size = 0 if not self._out else sum(map(len, self._out))
-                    if self._drained is not None and self._out_size <= HIGH_WATER:
+                self.last_send = self.now()
+                if self.out_size:
+                    self.out_size = 0 if not self.out else sum(map(len, self.out))
+                    if self._drained is not None and self.out_size <= HIGH_WATER:
                         self._drained.set()
                         self._drained = None
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
@@ -357,10 +370,10 @@ class AMQPConnection(CloseOnce):
                         )
                     )
                     return
-                if now - self._last_send >= interval:
-                    self._push(HEARTBEAT_FRAME)
-                    self._last_send = now  # do not queue another before the writer ran
-                wake_at = min(self._last_send + interval, self._last_recv + dead_after + 0.01)
+                if now - self.last_send >= interval:
+                    self.push(HEARTBEAT_FRAME)
+                    self.last_send = now  # do not queue another before the writer ran
+                wake_at = min(self.last_send + interval, self._last_recv + dead_after + 0.01)
                 with trio.move_on_at(wake_at):
                     await self._closed_event.wait()
         except Exception as exc:  # pragma: no cover - defensive
@@ -388,7 +401,7 @@ class AMQPConnection(CloseOnce):
                 chunk = await self._receive(max(_RECEIVE_SIZE, need))
                 if not chunk:
                     raise _EOF
-                self._last_recv = self._now()
+                self._last_recv = self.now()
                 data = leftover + chunk if leftover else chunk
         except _EOF:
             self._fail(ConnectionClosed("connection lost: the broker closed the socket"))
@@ -441,19 +454,19 @@ class AMQPConnection(CloseOnce):
                                 and data[hend] == FRAME_END
                                 and data[bend] == FRAME_END
                             ):
-                                ch._deliver(
+                                ch.deliver(
                                     content,
                                     data[hend + 8 : bend],
                                     decode_properties(data, pos + 21, flags),
                                 )
                                 pos = bend + 1
                                 continue
-                    ch._start_content(content)
+                    ch.start_content(content)
                 elif index == BASIC_ACK:
                     ch = channels.get(channel_id)
                     if ch is not None:
                         tag, bits = u64_bits.unpack_from(data, start + 4)
-                        ch._on_confirm(tag, bool(bits & 1), False)
+                        ch.on_confirm(tag, bool(bits & 1), False)
                 else:
                     method = pframe.unmarshal(data[start - 7 : end + 1])[2]
                     assert isinstance(method, _PamqpMethod)
@@ -464,18 +477,18 @@ class AMQPConnection(CloseOnce):
             elif ftype == FRAME_BODY:
                 ch = channels.get(channel_id)
                 if ch is not None:
-                    ch._on_body(data, start, end)
+                    ch.on_body(data, start, end)
             elif ftype == FRAME_HEADER:
                 ch = channels.get(channel_id)
                 if ch is not None:
-                    ch._on_header(data, start)
+                    ch.on_header(data, start)
             elif ftype != FRAME_HEARTBEAT:
                 raise ProtocolError(f"unknown frame type {ftype}")
         return pos
 
     def _on_connection_method(self, method: _PamqpMethod) -> None:
         if isinstance(method, commands.Connection.Close):
-            self._push(method_frame(0, commands.Connection.CloseOk()))
+            self.push(method_frame(0, commands.Connection.CloseOk()))
             self._fail(
                 ConnectionClosed(
                     method.reply_text or "closed by the broker", method.reply_code or 0
@@ -499,7 +512,7 @@ class AMQPConnection(CloseOnce):
         if ch is None:
             log.debug("ignoring %s on unknown channel %d", method.name, channel_id)
             return
-        ch._on_method(method)
+        ch.on_method(method)
 
     # -- handshake
 
@@ -632,7 +645,7 @@ class AMQPConnection(CloseOnce):
         if not isinstance(opened, commands.Connection.OpenOk):
             raise ProtocolError(f"expected connection.open-ok, got {opened.name}")
         now = trio.current_time()
-        self._last_recv = self._last_send = now
+        self._last_recv = self.last_send = now
 
     async def _send_close_ok(self) -> None:
         with trio.move_on_after(1):
@@ -703,7 +716,7 @@ async def _connect(params: ConnectionParams) -> AsyncIterator[AMQPConnection]:
         with trio.fail_after(params.connect_timeout):
             stream = await _open_stream(params)
             conn = AMQPConnection(params, stream)
-            await conn._handshake()
+            await conn._handshake()  # noqa: SLF001 — connect() is the class's constructor
     except BaseException as exc:
         if stream is not None:
             await trio.aclose_forcefully(stream)
@@ -724,11 +737,11 @@ async def _connect(params: ConnectionParams) -> AsyncIterator[AMQPConnection]:
             raise ConnectError(f"cannot connect to {display}: {exc!r}") from exc
         raise
     log.debug(
-        "%s: connected (frame_max %d, heartbeat %d s)", display, conn._frame_max, conn._heartbeat
+        "%s: connected (frame_max %d, heartbeat %d s)", display, conn.frame_max, conn.heartbeat
     )
     body_exc: BaseException | None = None
     async with trio.open_nursery() as nursery:
-        await nursery.start(conn._run_background)
+        await nursery.start(conn._run_background)  # noqa: SLF001 — as _handshake above
         try:
             yield conn
         except BaseException as exc:

@@ -70,16 +70,21 @@ _EQUIVALENCE_ARGS: Final = (
 class _Connection(Protocol):
     """What a channel uses of its connection (``transport.MemoryConnection``)."""
 
-    _vhost: VHost
-    _params: ConnectionParams
-    _channels: dict[int, MemoryChannel]
-    _exclusive_queues: list[Queue]
+    #: The vhost the connection is open on.
+    vhost: VHost
+    #: Exclusive queues declared on the connection (deleted with it).
+    exclusive_queues: list[Queue]
 
-    def _post(self, channel: MemoryChannel, callback: Callable[[Any], None], arg: Any) -> None: ...
+    @property
+    def params(self) -> ConnectionParams: ...
 
-    async def _flush(self) -> None: ...
+    def release(self, channel_id: int) -> None: ...
 
-    def _fail(self, reply_code: int, reply_text: str) -> NoReturn: ...
+    def post(self, channel: MemoryChannel, callback: Callable[[Any], None], arg: Any) -> None: ...
+
+    async def flush(self) -> None: ...
+
+    def fail(self, reply_code: int, reply_text: str) -> NoReturn: ...
 
 
 class MemoryChannel(CloseOnce):
@@ -95,7 +100,7 @@ class MemoryChannel(CloseOnce):
     def __init__(self, connection: _Connection, channel_id: int) -> None:
         super().__init__()
         self._connection = connection
-        self._vhost = connection._vhost
+        self._vhost = connection.vhost
         self._channel_id = channel_id
         self._prefetch = 0
         self._confirm = False
@@ -160,18 +165,18 @@ class MemoryChannel(CloseOnce):
 
     def _teardown(self, reason: BaseException) -> None:
         """Close the channel: drop its consumers and requeue its unacked messages."""
-        if self._mark_closed(reason):
-            self._requeue_unacked()
+        if self.mark_closed(reason):
+            self.requeue_unacked()
 
     def _on_closed(self, reason: BaseException) -> None:
-        """First half of a close (``_mark_closed``): no more consumers."""
+        """First half of a close (``mark_closed``): no more consumers."""
         consumers = list(self._consumers.values())
         self._consumers.clear()
         for consumer in consumers:
             self._remove_consumer(consumer)
-        self._connection._channels.pop(self._channel_id, None)
+        self._connection.release(self._channel_id)
 
-    def _requeue_unacked(self) -> None:
+    def requeue_unacked(self) -> None:
         """Second half of a close: return the unacked messages to their queues."""
         entries = list(self._unacked.values())
         self._unacked.clear()
@@ -244,7 +249,7 @@ class MemoryChannel(CloseOnce):
         tag = self._next_tag
         self._next_tag = tag + 1
         self._unacked[tag] = (message, consumer)
-        self._connection._post(
+        self._connection.post(
             self,
             consumer.on_delivery,
             Delivery(
@@ -262,14 +267,14 @@ class MemoryChannel(CloseOnce):
         """The queue of ``consumer`` was deleted: the consumer-cancel notification."""
         self._consumers.pop(consumer.tag, None)
         if consumer.on_cancel is not None and self._reason is None:
-            self._connection._post(self, consumer.on_cancel, consumer.tag)
+            self._connection.post(self, consumer.on_cancel, consumer.tag)
 
     # -- basic ---------------------------------------------------------------
 
     async def qos(self, prefetch_count: int) -> None:
         """Set the prefetch of consumers started later on this channel (0 = unlimited)."""
         await trio.lowlevel.checkpoint()
-        self._check_open()
+        self.check_open()
         if not 0 <= prefetch_count <= 65535:
             raise ValueError(f"prefetch_count must be between 0 and 65535, not {prefetch_count}")
         self._prefetch = prefetch_count
@@ -287,11 +292,11 @@ class MemoryChannel(CloseOnce):
         """Start a consumer; return its tag.  Raises ``QueueNotFound`` (and the
         channel is closed) if the queue does not exist."""
         await trio.lowlevel.checkpoint()
-        self._check_open()
+        self.check_open()
         q = self._lookup_queue(queue)
         tag = consumer_tag or f"amq.ctag-{secrets.token_urlsafe(16)}"
         if tag in self._consumers:
-            self._connection._fail(
+            self._connection.fail(
                 NOT_ALLOWED, f"NOT_ALLOWED - attempt to reuse consumer tag '{tag}'"
             )
         if q.consumers and (exclusive or q.consumers[0].exclusive):
@@ -309,12 +314,12 @@ class MemoryChannel(CloseOnce):
     async def cancel(self, consumer_tag: str) -> None:
         """``basic.cancel``; deliveries handed to the dispatcher arrive before it returns."""
         await trio.lowlevel.checkpoint()
-        self._check_open()
+        self.check_open()
         consumer = self._consumers.pop(consumer_tag, None)
         if consumer is None:
             return
         self._remove_consumer(consumer)
-        await self._connection._flush()
+        await self._connection.flush()
 
     def ack(self, delivery_tag: int, multiple: bool = False) -> None:
         """Acknowledge a delivery (all up to it with ``multiple``)."""
@@ -364,7 +369,7 @@ class MemoryChannel(CloseOnce):
     async def confirm_select(self) -> None:
         """Turn on publisher confirms for this channel."""
         await trio.lowlevel.checkpoint()
-        self._check_open()
+        self.check_open()
         self._confirm = True
 
     async def publish(
@@ -384,7 +389,7 @@ class MemoryChannel(CloseOnce):
         ``x-overflow: reject-publish`` refused it, in confirm mode only.
         """
         await trio.lowlevel.checkpoint()
-        self._check_open()
+        self.check_open()
         if properties is None:
             props = Properties()
         else:
@@ -402,11 +407,11 @@ class MemoryChannel(CloseOnce):
                     PRECONDITION_FAILED,
                     f"PRECONDITION_FAILED - invalid expiration '{props.expiration}'",
                 )
-        if props.user_id is not None and props.user_id != self._connection._params.user:
+        if props.user_id is not None and props.user_id != self._connection.params.user:
             self._fail(
                 PRECONDITION_FAILED,
                 f"PRECONDITION_FAILED - user_id property set to '{props.user_id}' but "
-                f"authenticated user was '{self._connection._params.user}'",
+                f"authenticated user was '{self._connection.params.user}'",
             )
         ex = self._vhost.exchange(exchange)
         if ex is None:
@@ -436,7 +441,7 @@ class MemoryChannel(CloseOnce):
     async def get(self, queue: str, *, no_ack: bool = False) -> Delivery | None:
         """``basic.get``: one message, or None if the queue is empty."""
         await trio.lowlevel.checkpoint()
-        self._check_open()
+        self.check_open()
         q = self._lookup_queue(queue)
         if q.expire_heads(current_time()):
             self._vhost.changed()
@@ -541,7 +546,7 @@ class MemoryChannel(CloseOnce):
     ) -> QueueInfo:
         """Declare a queue (or check it exists, with ``passive``)."""
         await trio.lowlevel.checkpoint()
-        self._check_open()
+        self.check_open()
         vhost = self._vhost
         if passive:
             q = self._lookup_queue(queue)
@@ -584,7 +589,7 @@ class MemoryChannel(CloseOnce):
                 )
                 vhost.queues[queue] = q
                 if exclusive:
-                    self._connection._exclusive_queues.append(q)
+                    self._connection.exclusive_queues.append(q)
                 vhost.changed()
         if q.expire_heads(current_time()):
             vhost.changed()
@@ -596,7 +601,7 @@ class MemoryChannel(CloseOnce):
     ) -> int:
         """Delete a queue; return how many ready messages it had (0 if it did not exist)."""
         await trio.lowlevel.checkpoint()
-        self._check_open()
+        self.check_open()
         q = self._vhost.queues.get(queue or self._last_queue)
         if q is None:
             return 0  # queue.delete is idempotent in RabbitMQ
@@ -611,7 +616,7 @@ class MemoryChannel(CloseOnce):
     async def queue_purge(self, queue: str) -> int:
         """Remove the ready messages of a queue; return how many there were."""
         await trio.lowlevel.checkpoint()
-        self._check_open()
+        self.check_open()
         q = self._lookup_queue(queue)
         count = len(q.ready)
         q.ready.clear()
@@ -627,7 +632,7 @@ class MemoryChannel(CloseOnce):
     ) -> None:
         """Bind a queue to an exchange (idempotent)."""
         await trio.lowlevel.checkpoint()
-        self._check_open()
+        self.check_open()
         q = self._lookup_queue(queue)
         ex = self._vhost.exchange(exchange)
         if ex is None:
@@ -654,7 +659,7 @@ class MemoryChannel(CloseOnce):
     ) -> None:
         """Declare an exchange (or check it exists, with ``passive``)."""
         await trio.lowlevel.checkpoint()
-        self._check_open()
+        self.check_open()
         vhost = self._vhost
         existing = vhost.exchange(exchange)
         if passive:
@@ -671,7 +676,7 @@ class MemoryChannel(CloseOnce):
                 f"ACCESS_REFUSED - exchange name '{exchange}' contains reserved prefix 'amq.*'",
             )
         if exchange_type not in _EXCHANGE_TYPES:
-            self._connection._fail(
+            self._connection.fail(
                 COMMAND_INVALID,
                 f"COMMAND_INVALID - unknown exchange type '{exchange_type}' (the memory "
                 f"broker models {', '.join(sorted(_EXCHANGE_TYPES))})",
@@ -703,7 +708,7 @@ class MemoryChannel(CloseOnce):
     async def exchange_delete(self, exchange: str) -> None:
         """Delete an exchange and its bindings (no-op if it does not exist)."""
         await trio.lowlevel.checkpoint()
-        self._check_open()
+        self.check_open()
         ex = self._vhost.exchange(exchange)
         if ex is None:
             return  # exchange.delete is idempotent in RabbitMQ

@@ -7,7 +7,7 @@ else the one registered under ``params.host``.  Channels are
 ``channel.MemoryChannel``.
 
 Deliveries are never made re-entrantly: routing and settlement only append to
-the connection's outbox (``_post``), and a dispatcher task in the nursery of
+the connection's outbox (``post``), and a dispatcher task in the nursery of
 ``connect()`` calls the ``on_delivery``/``on_cancel`` callbacks in order, so a
 handler's ``ack()`` cannot recurse into the consumer.  The same nursery may
 host the broker's TTL timer (``MemoryBroker._attach``).
@@ -59,11 +59,13 @@ class MemoryConnection(CloseOnce):
     ) -> None:
         super().__init__()
         self._broker = broker
-        self._vhost = vhost
+        #: The vhost the connection is open on.
+        self.vhost = vhost
         self._params = params
         self._channels: dict[int, MemoryChannel] = {}
         self._next_channel = 1
-        self._exclusive_queues: list[Queue] = []
+        #: Exclusive queues declared on this connection, deleted with it.
+        self.exclusive_queues: list[Queue] = []
         self._outbox: deque[tuple[MemoryChannel, Callable[[Any], None], Any]] = deque()
         self._wake: trio.Event | None = None
         self._posted = 0
@@ -91,7 +93,7 @@ class MemoryConnection(CloseOnce):
     async def channel(self) -> MemoryChannel:
         """Open a new channel."""
         await trio.lowlevel.checkpoint()
-        self._check_open()
+        self.check_open()
         channel = MemoryChannel(self, self._next_channel)
         self._channels[self._next_channel] = channel
         self._next_channel += 1
@@ -99,34 +101,38 @@ class MemoryConnection(CloseOnce):
 
     async def aclose(self) -> None:
         """Close the connection; unacknowledged deliveries are requeued."""
-        self._mark_closed(ConnectionClosed("Normal shutdown", REPLY_SUCCESS))
+        self.mark_closed(ConnectionClosed("Normal shutdown", REPLY_SUCCESS))
         await trio.lowlevel.cancel_shielded_checkpoint()
 
     # -- internals ------------------------------------------------------------
 
-    def _fail(self, reply_code: int, reply_text: str) -> NoReturn:
+    def fail(self, reply_code: int, reply_text: str) -> NoReturn:
         """Close the connection as the broker would (a connection exception), and raise."""
-        self._mark_closed(ConnectionClosed(reply_text, reply_code))
+        self.mark_closed(ConnectionClosed(reply_text, reply_code))
         raise ConnectionClosed(reply_text, reply_code)
+
+    def release(self, channel_id: int) -> None:
+        """Forget channel ``channel_id`` (closed): its number may be used again."""
+        self._channels.pop(channel_id, None)
 
     def _on_closed(self, reason: BaseException) -> None:
         """Close every channel, requeue their unacked messages, drop exclusive queues."""
         # Close every channel before requeueing anything, so that a message
         # returned by one channel is not delivered to (and returned by)
         # another channel of this connection, which would count twice.
-        channels = [c for c in list(self._channels.values()) if c._mark_closed(reason)]
+        channels = [c for c in list(self._channels.values()) if c.mark_closed(reason)]
         for channel in channels:
-            channel._requeue_unacked()
-        for queue in self._exclusive_queues:
+            channel.requeue_unacked()
+        for queue in self.exclusive_queues:
             queue.vhost.delete_queue(queue)
-        self._exclusive_queues.clear()
+        self.exclusive_queues.clear()
         self._outbox.clear()
         self._wake_dispatcher()
         self._notify_progress()
-        self._broker._detach(self)
-        self._vhost.changed()
+        self._broker._detach(self)  # noqa: SLF001 — as broker._vhost in _connect()
+        self.vhost.changed()
 
-    def _post(self, channel: MemoryChannel, callback: Callable[[Any], None], arg: Any) -> None:
+    def post(self, channel: MemoryChannel, callback: Callable[[Any], None], arg: Any) -> None:
         """Queue a callback for the dispatcher (never call it from here: no re-entrancy)."""
         self._outbox.append((channel, callback, arg))
         self._posted += 1
@@ -145,7 +151,7 @@ class MemoryConnection(CloseOnce):
             self._progress = None
             progress.set()
 
-    async def _flush(self) -> None:
+    async def flush(self) -> None:
         """Wait until the dispatcher ran every callback posted so far."""
         target = self._posted
         while self._reason is None and self._done < target:
@@ -167,7 +173,7 @@ class MemoryConnection(CloseOnce):
                     channel, callback, arg = outbox.popleft()
                     self._done += 1
                     # Deliveries of a closed channel were requeued already.
-                    if channel._reason is None:
+                    if channel.close_reason is None:
                         callback(arg)
                 self._notify_progress()
                 if outbox:
@@ -175,7 +181,7 @@ class MemoryConnection(CloseOnce):
         except Exception as exc:
             # The seam forbids callbacks to raise; treat it like a dead reader task.
             logger.exception("memory broker: a delivery callback raised; closing the connection")
-            self._mark_closed(ConnectionClosed(f"a delivery callback raised {exc!r}"))
+            self.mark_closed(ConnectionClosed(f"a delivery callback raised {exc!r}"))
 
 
 @asynccontextmanager
@@ -184,7 +190,8 @@ async def _connect(
 ) -> AsyncIterator[MemoryConnection]:
     if broker is None:
         broker = get_broker(params.host)
-    vhost = broker._vhost(params.vhost)
+    # The broker's hooks for this adapter (see broker.py), not for its users:
+    vhost = broker._vhost(params.vhost)  # noqa: SLF001
     if vhost is None:
         raise ConnectError(
             f"cannot connect to {params.display}: vhost {params.vhost!r} does not exist "
@@ -194,12 +201,12 @@ async def _connect(
     await trio.lowlevel.checkpoint()
     async with trio.open_nursery() as nursery:
         connection = MemoryConnection(broker, vhost, params)
-        nursery.start_soon(connection._run_dispatcher)
-        broker._attach(connection, nursery)
+        nursery.start_soon(connection._run_dispatcher)  # noqa: SLF001 — this module's class
+        broker._attach(connection, nursery)  # noqa: SLF001 — as broker._vhost above
         try:
             yield connection
         finally:
-            connection._mark_closed(ConnectionClosed("Normal shutdown", REPLY_SUCCESS))
+            connection.mark_closed(ConnectionClosed("Normal shutdown", REPLY_SUCCESS))
             nursery.cancel_scope.cancel()
 
 
