@@ -527,7 +527,9 @@ class AMQPChannel(CloseOnce):
         reason = ChannelClosed("closed by the client")
         try:
             async with self._lock:
-                if self._reason is not None:
+                # Closed while this waited for the lock?  (Through the property:
+                # mypy would take ``_reason`` for still None after the check above.)
+                if self.close_reason is not None:
                     return
                 self._conn.check_open()
                 # From here on, deliveries are dropped (the broker requeues
