@@ -8,6 +8,13 @@ Usage (see ``run.py``)::
     python amqp_tool.py fill   --queue Q --messages N [--format raw|dramatiq] [--args JSON]
     python amqp_tool.py paced  --queue Q --rate 1000 --seconds 10 [--format ...] [--args JSON]
     python amqp_tool.py delete --queue Q [--queue Q2 ...]
+    python amqp_tool.py count  --queue Q [--queue Q2 ...] [--expect N] [--seconds 10]
+
+``count`` reads the ready messages of existing queues (passive declares) and
+prints them once the first queue holds ``--expect`` messages (without it: once
+two reads 0.2 s apart agree), or after ``--seconds``: a publisher without confirms may have
+messages still in flight when its process exits, and a closed connection's
+unacked messages take a moment to be back in their queue.
 """
 
 from __future__ import annotations
@@ -226,13 +233,27 @@ def paced(
     return total
 
 
+def count(c: Client, queues: list[str], expect: int | None, seconds: float) -> dict[str, int]:
+    deadline = time.monotonic() + seconds
+    last: dict[str, int] | None = None
+    while True:
+        now = {q: c.declare(q, passive=True).message_count for q in queues}
+        if expect is not None and now[queues[0]] >= expect:
+            return now
+        if (expect is None and now == last) or time.monotonic() > deadline:
+            return now
+        last = now
+        time.sleep(0.2)
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("action", choices=["fill", "paced", "delete", "declare", "info"])
+    p.add_argument("action", choices=["fill", "paced", "delete", "declare", "count", "info"])
     p.add_argument("--queue", action="append", default=[])
     p.add_argument("--messages", type=int, default=0)
     p.add_argument("--rate", type=float, default=1000)
     p.add_argument("--seconds", type=float, default=10)
+    p.add_argument("--expect", type=int, default=None, help="count: stop early at this many")
     p.add_argument("--format", choices=["raw", "dramatiq"], default="raw")
     p.add_argument("--args", default="{}", help="queue arguments (JSON)")
     p.add_argument("--host", default="127.0.0.1")
@@ -253,6 +274,9 @@ def main() -> None:
         if a.action == "delete":
             for q in a.queue:
                 c.delete(q)
+            return
+        if a.action == "count":
+            print(json.dumps(count(c, a.queue, a.expect, a.seconds)))
             return
         ok = c.declare(queue, json.loads(a.args))
         if a.action == "declare":

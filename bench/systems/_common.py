@@ -1,12 +1,20 @@
 """Shared, stdlib-only measurement helpers imported by every runner in this folder.
 
-A runner parses its arguments with :func:`parse_args`, builds a :class:`Meter`, and
-calls ``meter.enter(payload)`` when a handler starts and ``meter.leave()`` when it
-returns; ``leave()`` returns True for the N-th handled message.  ``meter.report()``
-prints the single JSON result line the harness reads.
+There are three kinds of runner, one file each per system: ``run_<system>.py``
+consumes (modes throughput, io, paced, memory, middlewares), ``publish_<system>.py``
+publishes (modes publish, scripts) and ``pipeline_<system>.py`` consumes from one
+queue and publishes each message to another (mode pipeline).
 
-The clock (wall and CPU) starts when the first handler starts and stops when the
-N-th handler returns, so interpreter start-up, imports and connecting are excluded
+A runner parses its arguments with :func:`parse_args`, builds a :class:`Meter`, and
+calls ``meter.enter(payload)`` when a handler (or a publish) starts and
+``meter.leave()`` when it returns (a publish: once confirmed); ``leave()`` returns
+True for the N-th message.  ``meter.report()`` prints the single JSON result line
+the harness reads.  A runner that cannot do what was asked with the package it has
+(an API that an older asyncworker lacks) calls :func:`unsupported` instead, which
+the harness reports as "n/a".
+
+The clock (wall and CPU) starts when the first handler (publish) starts and stops
+when the N-th returns, so interpreter start-up, imports and connecting are excluded
 for every system alike.
 """
 
@@ -16,9 +24,16 @@ import argparse
 import json
 import os
 import resource
+import sys
 import threading
 import time
-from typing import Any
+from typing import Any, NoReturn
+
+# What every publish and pipeline runner publishes: 100 bytes of JSON, the size of
+# the consumers' messages (the same for every message: what is measured is the
+# client, not building bodies).
+BODY = (b'{"ts":0000000000000000000,"pad":"' + b"x" * 100)[:98] + b'"}'
+assert len(BODY) == 100
 
 
 def parse_args(system: str) -> argparse.Namespace:
@@ -28,6 +43,15 @@ def parse_args(system: str) -> argparse.Namespace:
     p.add_argument("--delay", type=float, default=0.0, help="handler sleep in seconds")
     p.add_argument("--latency", action="store_true", help="record publish->handler latency")
     p.add_argument("--variant", default="default", help="system-specific variant")
+    p.add_argument("--inflight", type=int, default=1, help="publish: publishes awaited at once")
+    p.add_argument("--aux", default="", help="an auxiliary queue (warm-up, idle route)")
+    p.add_argument("--out", default="", help="pipeline: the queue each message is published to")
+    p.add_argument(
+        "--stop-ok", type=int, default=0, help="pipeline check: stop after this many successes..."
+    )
+    p.add_argument(
+        "--stop-failed", type=int, default=0, help="...and at least this many failed handlers"
+    )
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=5672)
     p.add_argument("--user", default="guest")
@@ -81,7 +105,11 @@ class Meter:
         self.target: int = args.messages
         self.want_latency: bool = args.latency
         self.extra: dict[str, Any] = {}
+        self.stop_ok: int = getattr(args, "stop_ok", 0)
+        self.stop_failed: int = getattr(args, "stop_failed", 0)
         self.handled = 0
+        self.failed = 0
+        self._stopped = False
         self.active = 0
         self.max_active = 0
         self.latencies_ns: list[int] = []
@@ -107,11 +135,31 @@ class Meter:
         with self._lock:
             self.active -= 1
             self.handled += 1
-            if self.handled == self.target:
-                self._t1 = time.perf_counter()
-                self._c1 = _cpu()
-                return True
+            return self._done()
+
+    def fail(self) -> bool:
+        """A handler (publish) that failed; True once the run should stop.
+
+        Only the pipeline's check uses this: it stops after ``--stop-ok``
+        successes and at least ``--stop-failed`` failures (or N successes, which
+        a system that ignores the broker's refusals reaches).
+        """
+        with self._lock:
+            self.active -= 1
+            self.failed += 1
+            return self._done()
+
+    def _done(self) -> bool:
+        if self._stopped:
             return False
+        if self.handled == self.target or (
+            self.stop_ok and self.handled >= self.stop_ok and self.failed >= self.stop_failed
+        ):
+            self._stopped = True
+            self._t1 = time.perf_counter()
+            self._c1 = _cpu()
+            return True
+        return False
 
     def extend(self) -> None:
         """Move the end of the measured window to now.
@@ -132,9 +180,17 @@ class Meter:
             "peak_rss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
             "max_concurrency": self.max_active,
         }
+        if self.failed:
+            out["failed"] = self.failed
         if self.want_latency and self.latencies_ns:
             lat = sorted(self.latencies_ns)
             out["latency_p50_ms"] = round(lat[len(lat) // 2] / 1e6, 3)
             out["latency_p99_ms"] = round(lat[min(len(lat) - 1, int(len(lat) * 0.99))] / 1e6, 3)
         out.update(self.extra)
         print(json.dumps(out), flush=True)
+
+
+def unsupported(system: str, reason: str) -> NoReturn:
+    """Report that this runner cannot run what was asked here (e.g. an old asyncworker)."""
+    print(json.dumps({"system": system, "unsupported": reason}), flush=True)
+    sys.exit(0)
