@@ -27,6 +27,7 @@ import json
 import os
 import platform
 import re
+import signal
 import statistics
 import subprocess
 import sys
@@ -1122,6 +1123,9 @@ def prepare(args: argparse.Namespace) -> tuple[list[System], dict[str, str]]:
 
 def main() -> int:
     args = parse_args()
+    # A run stopped with SIGTERM still deletes the queues of the job it was in
+    # (run_job's finally clause), as one stopped with Ctrl-C does.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     harness = ensure_venv(VENVS / "_harness", HARNESS_PIP)
     available, skipped = prepare(args)
     if args.setup:

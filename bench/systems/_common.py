@@ -27,7 +27,9 @@ import resource
 import sys
 import threading
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any, NoReturn
+from urllib.parse import quote
 
 # What every publish and pipeline runner publishes: 100 bytes of JSON, the size of
 # the consumers' messages (the same for every message: what is measured is the
@@ -60,6 +62,12 @@ def parse_args(system: str) -> argparse.Namespace:
     args = p.parse_args()
     args.system = system
     return args
+
+
+def amqp_url(args: argparse.Namespace) -> str:
+    """The broker's ``amqp://`` URL, for the clients that take one."""
+    vhost = quote(args.vhost, safe="")  # "/" is "%2F"
+    return f"amqp://{args.user}:{args.password}@{args.host}:{args.port}/{vhost}"
 
 
 def _cpu() -> float:
@@ -148,6 +156,41 @@ class Meter:
             self.active -= 1
             self.failed += 1
             return self._done()
+
+    async def measured(self, step: Awaitable[Any], finished: Callable[[], Any]) -> None:
+        """Await ``step`` (a pipeline handler's publish) between enter() and leave().
+
+        An exception from ``step`` counts as a failure (``fail()``) and is
+        raised again, for the system to settle the message as it does on an
+        error; ``finished()`` is called once the run is complete.
+        """
+        self.enter()
+        try:
+            await step
+        except Exception:
+            if self.fail():
+                finished()
+            raise
+        if self.leave():
+            finished()
+
+    def publisher(self, publish: Callable[[], Awaitable[Any]]) -> Callable[[], Awaitable[None]]:
+        """An async function to start ``--inflight`` times at once (any event loop).
+
+        Together they call ``publish()`` N times, each one awaited (confirmed)
+        before its task publishes the next, so K publishes are in flight.
+        """
+        remaining = self.target
+
+        async def worker() -> None:
+            nonlocal remaining
+            while remaining > 0:
+                remaining -= 1
+                self.enter()
+                await publish()
+                self.leave()
+
+        return worker
 
     def _done(self) -> bool:
         if self._stopped:

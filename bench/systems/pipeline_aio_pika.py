@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 
 import aio_pika
-from _common import Meter, parse_args
+from _common import Meter, amqp_url, parse_args
 
 args = parse_args("aio-pika")
 meter = Meter(args)
@@ -22,8 +22,7 @@ meter = Meter(args)
 
 async def main() -> None:
     done = asyncio.Event()
-    vhost = "%2F" if args.vhost == "/" else args.vhost
-    url = f"amqp://{args.user}:{args.password}@{args.host}:{args.port}/{vhost}"
+    url = amqp_url(args)
     connection = await aio_pika.connect(url)
     async with connection:
         channel = await connection.channel()
@@ -34,22 +33,9 @@ async def main() -> None:
         out = args.out
 
         async def on_message(message: aio_pika.abc.AbstractIncomingMessage) -> None:
+            copy = aio_pika.Message(message.body, delivery_mode=aio_pika.DeliveryMode.PERSISTENT)
             async with message.process():
-                meter.enter()
-                try:
-                    await exchange.publish(
-                        aio_pika.Message(
-                            message.body, delivery_mode=aio_pika.DeliveryMode.PERSISTENT
-                        ),
-                        routing_key=out,
-                    )
-                except Exception:
-                    if meter.fail():
-                        done.set()
-                    raise
-                finished = meter.leave()
-            if finished:
-                done.set()
+                await meter.measured(exchange.publish(copy, routing_key=out), done.set)
 
         tag = await queue.consume(on_message, no_ack=False)
         await done.wait()

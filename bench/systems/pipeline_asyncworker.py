@@ -18,6 +18,7 @@ import logging
 
 import trio
 from _common import Meter, parse_args, unsupported
+from _project import make_app
 
 from asyncworker import App, Message
 
@@ -34,25 +35,11 @@ if args.stop_ok:
 async def main() -> None:
     done = trio.Event()
     out, vhost = args.out, args.vhost
-    app = App(
-        host=args.host,
-        port=args.port,
-        user=args.user,
-        password=args.password,
-        prefetch_count=256,
-    )
+    app = make_app(args)
 
     @app.route([args.queue], vhost=vhost)
     async def forward(message: Message) -> None:
-        meter.enter()
-        try:
-            await app.publish(message.body, routing_key=out, vhost=vhost)
-        except Exception:
-            if meter.fail():
-                done.set()
-            raise
-        if meter.leave():
-            done.set()
+        await meter.measured(app.publish(message.body, routing_key=out, vhost=vhost), done.set)
 
     async with trio.open_nursery() as nursery:
         await nursery.start(app.serve)

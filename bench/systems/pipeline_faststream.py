@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from _common import Meter, parse_args
+from _common import Meter, amqp_url, parse_args
 from faststream.rabbit import Channel, RabbitBroker, RabbitQueue
 
 args = parse_args("faststream")
@@ -28,8 +28,7 @@ meter = Meter(args)
 
 async def main() -> None:
     done = asyncio.Event()
-    vhost = "%2F" if args.vhost == "/" else args.vhost
-    url = f"amqp://{args.user}:{args.password}@{args.host}:{args.port}/{vhost}"
+    url = amqp_url(args)
     broker = RabbitBroker(url, logger=None)  # its default channel publishes
     publisher = broker.publisher(args.out, persist=True)
 
@@ -38,15 +37,7 @@ async def main() -> None:
         channel=Channel(prefetch_count=256),  # a channel of its own for consuming
     )
     async def forward(body: dict[str, Any]) -> None:
-        meter.enter()
-        try:
-            await publisher.publish(body)
-        except Exception:
-            if meter.fail():
-                done.set()
-            raise
-        if meter.leave():
-            done.set()
+        await meter.measured(publisher.publish(body), done.set)
 
     async with broker:
         await broker.start()

@@ -11,33 +11,24 @@ from __future__ import annotations
 import asyncio
 
 import aio_pika
-from _common import BODY, Meter, parse_args
+from _common import BODY, Meter, amqp_url, parse_args
 
 args = parse_args("aio-pika")
 meter = Meter(args)
 
 
 async def main() -> None:
-    vhost = "%2F" if args.vhost == "/" else args.vhost
-    url = f"amqp://{args.user}:{args.password}@{args.host}:{args.port}/{vhost}"
+    url = amqp_url(args)
     connection = await aio_pika.connect(url)
     async with connection:
         channel = await connection.channel()  # publisher_confirms=True by default
         exchange = channel.default_exchange
         queue = args.queue
-        remaining = args.messages
 
         def message() -> aio_pika.Message:
             return aio_pika.Message(BODY, delivery_mode=aio_pika.DeliveryMode.PERSISTENT)
 
-        async def worker() -> None:
-            nonlocal remaining
-            while remaining > 0:
-                remaining -= 1
-                meter.enter()
-                await exchange.publish(message(), routing_key=queue)
-                meter.leave()
-
+        worker = meter.publisher(lambda: exchange.publish(message(), routing_key=queue))
         await exchange.publish(message(), routing_key=args.aux)  # warm-up
         await asyncio.gather(*(worker() for _ in range(args.inflight)))
     meter.report()

@@ -13,37 +13,19 @@ from __future__ import annotations
 import asyncio
 
 from _common import BODY, Meter, parse_args
+from _original import PERSISTENT, connection, loop  # first: it sets the event loop
 
 args = parse_args("async-worker")
 meter = Meter(args)
+conn = connection(args)
 
-loop = asyncio.new_event_loop()
-asyncio.set_event_loop(loop)
 
-from asyncworker.connections import AMQPConnection  # noqa: E402
-
-conn = AMQPConnection(
-    hostname=args.host, port=args.port, username=args.user, password=args.password
-)
-properties = {"delivery_mode": 2}
+async def put(queue: str) -> None:
+    await conn.put(routing_key=queue, serialized_data=BODY, properties=PERSISTENT, vhost=args.vhost)
 
 
 async def main() -> None:
-    remaining = args.messages
-
-    async def put(queue: str) -> None:
-        await conn.put(
-            routing_key=queue, serialized_data=BODY, properties=properties, vhost=args.vhost
-        )
-
-    async def worker() -> None:
-        nonlocal remaining
-        while remaining > 0:
-            remaining -= 1
-            meter.enter()
-            await put(args.queue)
-            meter.leave()
-
+    worker = meter.publisher(lambda: put(args.queue))
     await put(args.aux)  # warm-up: the write connection opens on the first put
     await asyncio.gather(*(worker() for _ in range(args.inflight)))
     meter.report()

@@ -23,6 +23,7 @@ from typing import Any
 
 import trio
 from _common import BODY, Meter, parse_args, unsupported
+from _project import make_app
 
 from asyncworker import App, Message
 
@@ -42,16 +43,7 @@ if args.variant == "async-with" and not hasattr(App, "__aenter__"):
 async def publish_all(publish: Callable[..., Awaitable[Any]]) -> None:
     """Publish N messages from K tasks, each awaiting its confirm before the next."""
     queue, vhost = args.queue, args.vhost
-    remaining = args.messages
-
-    async def worker() -> None:
-        nonlocal remaining
-        while remaining > 0:
-            remaining -= 1
-            meter.enter()
-            await publish(BODY, routing_key=queue, vhost=vhost)
-            meter.leave()
-
+    worker = meter.publisher(lambda: publish(BODY, routing_key=queue, vhost=vhost))
     await publish(BODY, routing_key=args.aux, vhost=vhost)  # warm-up: connect outside the window
     async with trio.open_nursery() as nursery:
         for _ in range(args.inflight):
@@ -59,13 +51,7 @@ async def publish_all(publish: Callable[..., Awaitable[Any]]) -> None:
 
 
 async def main() -> None:
-    app = App(
-        host=args.host,
-        port=args.port,
-        user=args.user,
-        password=args.password,
-        prefetch_count=256,
-    )
+    app = make_app(args)
     if args.variant == "serve":
 
         @app.route([args.aux], vhost=args.vhost)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 
-from _common import BODY, Meter, parse_args
+from _common import BODY, Meter, amqp_url, parse_args
 from faststream.rabbit import RabbitBroker
 
 args = parse_args("faststream")
@@ -20,20 +20,11 @@ meter = Meter(args)
 
 
 async def main() -> None:
-    vhost = "%2F" if args.vhost == "/" else args.vhost
-    url = f"amqp://{args.user}:{args.password}@{args.host}:{args.port}/{vhost}"
+    url = amqp_url(args)
     broker = RabbitBroker(url, logger=None)
     publisher = broker.publisher(args.queue, persist=True)
     warm_up = broker.publisher(args.aux, persist=True)
-    remaining = args.messages
-
-    async def worker() -> None:
-        nonlocal remaining
-        while remaining > 0:
-            remaining -= 1
-            meter.enter()
-            await publisher.publish(BODY)
-            meter.leave()
+    worker = meter.publisher(lambda: publisher.publish(BODY))
 
     async with broker:
         await broker.start()

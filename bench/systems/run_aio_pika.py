@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 
 import aio_pika
-from _common import Meter, parse_args
+from _common import Meter, amqp_url, parse_args
 
 args = parse_args("aio-pika")
 meter = Meter(args)
@@ -19,8 +19,7 @@ async def main() -> None:
     done = asyncio.Event()
     delay = args.delay
     want_latency = args.latency
-    vhost = "%2F" if args.vhost == "/" else args.vhost
-    url = f"amqp://{args.user}:{args.password}@{args.host}:{args.port}/{vhost}"
+    url = amqp_url(args)
     connection = await aio_pika.connect(url)
     async with connection:
         channel = await connection.channel()

@@ -11,28 +11,16 @@ from __future__ import annotations
 import asyncio
 
 from _common import Meter, parse_args
+from _original import connection, serve_until  # first: it sets the event loop
+from asyncworker.rabbitmq.message import RabbitMQMessage
+from asyncworker.routes import AMQPRouteOptions
+
+from asyncworker import App
 
 args = parse_args("async-worker")
 meter = Meter(args)
-
-loop = asyncio.new_event_loop()
-asyncio.set_event_loop(loop)  # async-worker's App() calls asyncio.get_event_loop()
-
-from asyncworker.connections import AMQPConnection  # noqa: E402
-from asyncworker.rabbitmq.message import RabbitMQMessage  # noqa: E402
-from asyncworker.routes import AMQPRouteOptions  # noqa: E402
-
-from asyncworker import App  # noqa: E402
-
 done = asyncio.Event()
-conn = AMQPConnection(
-    hostname=args.host,
-    port=args.port,
-    username=args.user,
-    password=args.password,
-    prefetch=256,
-)
-app = App(connections=[conn])
+app = App(connections=[connection(args)])
 delay = args.delay
 want_latency = args.latency
 
@@ -48,12 +36,4 @@ async def handler(messages: list[RabbitMQMessage]) -> None:
             done.set()
 
 
-async def main() -> None:
-    await app.startup()
-    await done.wait()
-    await asyncio.sleep(0.05)  # let the last acks go out
-    meter.report()
-    await app._on_shutdown.send(app)
-
-
-loop.run_until_complete(main())
+serve_until(app, done, meter.report)

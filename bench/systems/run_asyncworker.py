@@ -24,8 +24,9 @@ from typing import Any
 
 import trio
 from _common import Meter, parse_args
+from _project import make_app
 
-from asyncworker import App, Message
+from asyncworker import Message
 
 args = parse_args("asyncworker")
 meter = Meter(args)
@@ -70,14 +71,7 @@ async def main() -> None:
     delay = args.delay
     want_latency = args.latency
     middlewares, log_path = build_middlewares(args.variant)
-    app = App(
-        host=args.host,
-        port=args.port,
-        user=args.user,
-        password=args.password,
-        prefetch_count=256,
-        middlewares=middlewares,
-    )
+    app = make_app(args, middlewares=middlewares)
 
     @app.route([args.queue], vhost=args.vhost)
     async def handler(message: Message) -> None:

@@ -17,7 +17,7 @@ import time
 os.environ["dramatiq_queue_prefetch"] = "256"  # noqa: SIM112 (dramatiq reads this exact name)
 
 import dramatiq
-from _common import Meter, parse_args
+from _common import Meter, amqp_url, parse_args
 from dramatiq.brokers.rabbitmq import RabbitmqBroker
 
 args = parse_args("dramatiq")
@@ -26,8 +26,7 @@ done = threading.Event()
 delay = args.delay
 want_latency = args.latency
 
-vhost = "%2F" if args.vhost == "/" else args.vhost
-broker = RabbitmqBroker(url=f"amqp://{args.user}:{args.password}@{args.host}:{args.port}/{vhost}")
+broker = RabbitmqBroker(url=amqp_url(args))
 dramatiq.set_broker(broker)
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from _common import Meter, parse_args
+from _common import Meter, amqp_url, parse_args
 from faststream.rabbit import Channel, RabbitBroker, RabbitQueue
 
 args = parse_args("faststream")
@@ -21,8 +21,7 @@ async def main() -> None:
     done = asyncio.Event()
     delay = args.delay
     want_latency = args.latency
-    vhost = "%2F" if args.vhost == "/" else args.vhost
-    url = f"amqp://{args.user}:{args.password}@{args.host}:{args.port}/{vhost}"
+    url = amqp_url(args)
     broker = RabbitBroker(url, default_channel=Channel(prefetch_count=256), logger=None)
 
     @broker.subscriber(RabbitQueue(args.queue, durable=True))
