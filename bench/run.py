@@ -318,6 +318,7 @@ class Job:
     paced_seconds: float = 0.0
     inflight: int = 1  # publish: publishes awaited at once
     check: int = 0  # pipeline: > 0 runs the delivery check with a B that holds this many
+    not_run: str = ""  # a row shown with this note, never run (pika at 64 in flight)
 
     @property
     def label(self) -> str:
@@ -604,7 +605,7 @@ def publish_jobs(systems: list[System], args: argparse.Namespace) -> list[Job]:
         for s in systems:
             job = Job(s, "publish", n, group=group, inflight=k)
             if s.one_at_a_time and k > 1:
-                job.variant = "n/a"
+                job.not_run = ONE_AT_A_TIME
             jobs.append(job)
             if s.asyncworker:
                 jobs.append(replace(job, suffix=" (async with)", variant="async-with"))
@@ -729,6 +730,7 @@ def median(xs: list[float]) -> float | None:
 def summarise(
     results: list[dict[str, Any]], jobs: list[Job], ratios: tuple[Ratio, ...]
 ) -> list[dict[str, Any]]:
+    """One row per job (the check's jobs aside): medians and ranges over its rounds."""
     rows = []
     for job in jobs:
         if job.check:
@@ -768,8 +770,8 @@ def summarise(
 
 
 def _notes(job: Job, unsupported: str) -> str:
-    if job.variant == "n/a":
-        return ONE_AT_A_TIME
+    if job.not_run:
+        return job.not_run
     if unsupported:
         return f"n/a ({unsupported})"
     notes = []
@@ -810,6 +812,7 @@ def verdict(job: Job, r: dict[str, Any]) -> str:
 
 
 def summarise_checks(results: list[dict[str, Any]], jobs: list[Job]) -> list[dict[str, Any]]:
+    """One row per check job: the counts of its last round and every round's verdict."""
     rows = []
     for job in jobs:
         if not job.check:
@@ -1199,7 +1202,7 @@ def run_rounds(
             key = (job.label, job.group)
             head = f"[{mode.name} {rnd}/{args.rounds}] {job.label + ' ' + job.group:<36}"
             base = {"label": job.label, "group": job.group, "system": job.system.name, "round": rnd}
-            if job.variant == "n/a":
+            if job.not_run:
                 continue
             if key in unsupported:
                 results.append({**base, "unsupported": unsupported[key]})
