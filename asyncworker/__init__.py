@@ -15,14 +15,13 @@
 
 from . import _util
 from ._app import App as App
-from ._app import Backoff as Backoff
-from ._app import ConnectionEvent as ConnectionEvent
 from ._chain import BulkCallNext as BulkCallNext
 from ._chain import BulkHandler as BulkHandler
 from ._chain import BulkMiddleware as BulkMiddleware
 from ._chain import CallNext as CallNext
 from ._chain import Handler as Handler
 from ._chain import Middleware as Middleware
+from ._config import Route as Route
 from ._exceptions import AsyncWorkerError as AsyncWorkerError
 from ._exceptions import AuthenticationError as AuthenticationError
 from ._exceptions import ChannelClosed as ChannelClosed
@@ -44,6 +43,8 @@ from ._message import Settleable as Settleable
 from ._message import Settlement as Settlement
 from ._statistics import AppStatistics as AppStatistics
 from ._statistics import ConsumerStatistics as ConsumerStatistics
+from ._supervisor import Backoff as Backoff
+from ._supervisor import ConnectionEvent as ConnectionEvent
 from ._transports import Properties as Properties
 
 #: The installed version (from the distribution's metadata).
@@ -76,6 +77,7 @@ __all__ = [
     "PublishNacked",
     "PublishTimeout",
     "QueueNotFound",
+    "Route",
     "Settleable",
     "Settlement",
     "StartupError",

@@ -1,117 +1,105 @@
-"""``App``: route registration, ``serve()``/``run()``/``shutdown()``, publishing."""
+"""``App``: the facade users hold, composing objects that each own one topic.
+
+What the App composes (see docs/architecture.md):
+
+* ``AppConfig`` (``_config``): the frozen configuration built from the
+  arguments and the ``ASYNCWORKER_*`` settings; ``reconfigured()`` swaps it
+  while the App is stopped (the command line and the test client use it);
+* one ``Supervisor`` per consumed vhost (``_supervisor``): the connection,
+  its reconnections and the consumers registered on it;
+* one ``Consumer`` per (vhost, queue) (``_consumer``), each handing its
+  deliveries to a dispatcher (``_dispatch``: worker pool, or batch collector
+  on a bulk route) that runs the route's chain (``_chain``);
+* the ``Publisher`` (``_publisher``): publishing connections, confirm
+  channels, retries and counts;
+* the ``Lifecycle`` (``_lifecycle``): hooks and periodic tasks; and, while
+  serving, the HTTP server (``_http``, ``_metrics``) and the loop watchdog
+  (``_watchdog``), which read nothing of the App but ``statistics()``.
+
+The App keeps the run state (serving, the stop event, the scopes the grace
+timer cancels) and wires these together with narrow values: a stop event, a
+report callback, a ``statistics`` callable.  No other module touches a
+private attribute of the App.
+"""
 
 from __future__ import annotations
 
-import difflib
+import datetime
 import functools
 import inspect
-import json
 import logging
-import random
 import signal
 import ssl as _ssl
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
-from contextlib import asynccontextmanager, suppress
-from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any, TypeVar
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import replace
+from typing import TYPE_CHECKING, Any, Generic, TypeVar, cast, overload
 
 import trio
 
-from . import _settings
-from ._bulk import BulkConfig, check_bulk
-from ._chain import _IN_WORKER, CallNext, Handler, Middleware, build_chain
-from ._consumer import Consumer
-from ._exceptions import (
-    AsyncWorkerError,
-    AuthenticationError,
-    ChannelClosed,
-    ConnectError,
-    ConnectionClosed,
-    PublishTimeout,
-    QueueNotFound,
+from ._chain import _IN_WORKER, BulkMiddleware, Middleware
+from ._config import (
+    AnyMiddleware,
+    AppConfig,
+    Connector,
+    Route,
+    check_keywords,
+    check_route,
 )
-from ._lifecycle import Lifecycle, LifecycleMixin
+from ._consumer import Consumer, consumers_for
+from ._exceptions import AsyncWorkerError
+from ._lifecycle import Lifecycle, grace_timer
 from ._logging import configure_logging
-from ._settlement import AckRequeue
+from ._publisher import Publisher, encode_body
 from ._statistics import AppStatistics
-from ._transports import Channel, Connection, ConnectionParams, Properties, connect, redact_url
-from ._util import is_async_callable, only_leaf, sleep_unless, wait_first
+from ._supervisor import Backoff, ConnectionEvent, Supervisor, report_event
+from ._transports import Properties, redact_url
+from ._util import only_leaf
 from ._watchdog import watch_loop
 
 if TYPE_CHECKING:
+    from ._metrics import AppMetrics
     from .testing import TestClient
 
-__all__ = ["App", "AppStatistics", "Backoff", "ConnectionEvent"]
+__all__ = ["App"]
 
 logger = logging.getLogger("asyncworker")
 
-#: Seconds between reports of handlers still running after the grace period.
-_STUCK_REPORT_SECONDS = 10.0
-
 # A handler of messages, or of ``list[Message]`` on a bulk route.
 H = TypeVar("H", bound=Callable[..., Awaitable[Any]])
+T = TypeVar("T")
+#: A lifecycle hook or periodic task: ``async def hook(app) -> None``.
+F = TypeVar("F", bound=Callable[["App"], Awaitable[Any]])
 
 
-@dataclass(frozen=True, slots=True)
-class Backoff:
-    """Delays between reconnection attempts: exponential, capped, with jitter.
+class _ConfigAttribute(Generic[T]):
+    """An App attribute that reads (and, set, replaces) a field of its ``AppConfig``.
 
-    The n-th attempt (from 0) waits ``min(initial * factor**n, maximum)``
-    seconds, multiplied by a random factor in ``[1 - jitter, 1 + jitter]`` so
-    that a fleet of workers does not reconnect in lockstep.
+    ``app.grace_period = 0`` keeps working as it always did, while the
+    record itself stays frozen: setting makes a new one.
     """
 
-    initial: float = 0.5
-    maximum: float = 30.0
-    factor: float = 2.0
-    jitter: float = 0.2
+    def __init__(self, field: str, doc: str) -> None:
+        self._field = field
+        self.__doc__ = doc
 
-    def __post_init__(self) -> None:
-        if not (0 < self.initial <= self.maximum) or self.factor < 1 or not 0 <= self.jitter < 1:
-            raise ValueError(
-                "Backoff needs 0 < initial <= maximum, factor >= 1 and 0 <= jitter < 1 "
-                f"(got {self})"
-            )
+    @overload
+    def __get__(self, owner: None, kind: type) -> _ConfigAttribute[T]: ...
+    @overload
+    def __get__(self, owner: App, kind: type | None = None) -> T: ...
+    def __get__(self, owner: App | None, kind: type | None = None) -> T | _ConfigAttribute[T]:
+        if owner is None:
+            return self
+        # The App's own attribute, read for it by its own descriptor.
+        return cast(T, getattr(owner._config, self._field))  # noqa: SLF001
 
-    def delay(self, attempt: int) -> float:
-        """Seconds to wait before reconnection attempt number ``attempt`` (from 0)."""
-        base = min(self.initial * self.factor ** min(attempt, 64), self.maximum)
-        return base * random.uniform(1 - self.jitter, 1 + self.jitter)
-
-
-@dataclass(frozen=True, slots=True)
-class ConnectionEvent:
-    """What the ``on_connection_event`` callback of an App receives.
-
-    ``kind`` is one of ``"connected"`` (first connection of a vhost),
-    ``"lost"`` (the connection or its channel died; ``error`` says why),
-    ``"reconnect_failed"`` (one attempt failed; ``error`` says why),
-    ``"recovered"`` (connected again, consumers re-registered) and
-    ``"consumer_cancelled"`` (the broker cancelled the consumer of ``queue``,
-    usually because the queue was deleted).
-    """
-
-    kind: str
-    vhost: str
-    queue: str | None = None
-    error: BaseException | None = None
+    def __set__(self, owner: App, value: T) -> None:
+        changes: dict[str, Any] = {self._field: value}
+        owner._config = replace(owner._config, **changes)  # noqa: SLF001
 
 
-@dataclass(eq=False)
-class _Route:
-    handler: Handler
-    queues: tuple[str, ...]
-    vhost: str
-    middlewares: tuple[Middleware, ...]
-    settlement: Middleware | None
-    declare: bool
-    name: str
-    bulk: BulkConfig | None = None
-    consumers: list[Consumer] = field(default_factory=list)
-
-
-class App(LifecycleMixin):
+class App:
     """A RabbitMQ worker: routes from queues to async handlers.
 
     ::
@@ -171,11 +159,7 @@ class App(LifecycleMixin):
         # right one; this does.  Hidden from type checkers, which see (and
         # check calls against) the real signature of __init__.
         def __new__(cls, *args: Any, **kwargs: Any) -> App:
-            unknown = [name for name in kwargs if name not in _init_parameters()]
-            if unknown:
-                close = difflib.get_close_matches(unknown[0], _init_parameters(), n=1)
-                hint = f"; did you mean {close[0]!r}?" if close else ""
-                raise TypeError(f"App() got an unexpected keyword argument {unknown[0]!r}{hint}")
+            check_keywords(kwargs, _init_parameters(), "App()")
             return super().__new__(cls)
 
     def __init__(
@@ -199,94 +183,136 @@ class App(LifecycleMixin):
         loop_block_threshold: float | None = 1.0,
         http: str | None = None,
     ) -> None:
-        # Deploy-time settings: the environment fills in what the code left out.
-        prefetch_count = _settings.prefetch_count(prefetch_count)
-        grace_period = _settings.grace_period(grace_period)
-        http = _settings.http_address(http)
-        if url is None and host is None and port is None and user is None and password is None:
-            url = _settings.url()
-        if isinstance(prefetch_count, bool) or not isinstance(prefetch_count, int):
-            raise TypeError(f"prefetch_count must be an int, got {prefetch_count!r}")
-        if not 1 <= prefetch_count <= 65535:
-            raise ValueError(
-                f"prefetch_count must be between 1 and 65535, got {prefetch_count}: it is how "
-                "many messages of one queue may be delivered and not yet settled"
-            )
-        if heartbeat < 0:
-            raise ValueError(f"heartbeat must be >= 0 seconds (0 disables it), got {heartbeat}")
-        if not grace_period >= 0:
-            raise ValueError(f"grace_period must be >= 0 seconds, got {grace_period}")
-        if reconnect is not None and not isinstance(reconnect, Backoff):
-            raise TypeError(f"reconnect must be an asyncworker.Backoff, got {reconnect!r}")
-        if loop_block_threshold is not None and not loop_block_threshold > 0:
-            raise ValueError(
-                "loop_block_threshold must be > 0 seconds, or None to disable the "
-                f"watchdog, got {loop_block_threshold}"
-            )
-        ssl_context = _ssl.create_default_context() if ssl is True else (ssl or None)
-        common: dict[str, Any] = {
-            "heartbeat": heartbeat,
-            "connect_timeout": connect_timeout,
-            "client_name": name,
-        }
-        if ssl_context is not None:
-            common["ssl"] = ssl_context
-        if url is not None:
-            if host is not None or user is not None or password is not None or port is not None:
-                raise ValueError(
-                    "give either url= or host=/port=/user=/password=, not both "
-                    f"(url={redact_url(url)!r})"
-                )
-            params = ConnectionParams.from_url(url, **common)
-        else:
-            params = ConnectionParams(
-                scheme="amqps" if ssl_context is not None else "amqp",
-                host=host or "127.0.0.1",
-                port=port or (5671 if ssl_context is not None else 5672),
-                user=user if user is not None else "guest",
-                password=password if password is not None else "guest",
-                **common,
-            )
-        self._params = params
-        self.prefetch_count = prefetch_count
-        self.grace_period = float(grace_period)
-        self.reconnect = reconnect or Backoff()
-        self._middlewares = _check_middlewares(middlewares, "App")
-        self._settlement = _check_settlement(settlement, "App")
-        self._on_connection_event = on_connection_event
-        self.loop_block_threshold = loop_block_threshold
-        self._lifecycle = Lifecycle(self, http)
-        self._routes: list[_Route] = []
+        self._config = AppConfig.from_arguments(
+            host=host,
+            user=user,
+            password=password,
+            prefetch_count=prefetch_count,
+            port=port,
+            heartbeat=heartbeat,
+            ssl=ssl,
+            url=url,
+            middlewares=middlewares,
+            settlement=settlement,
+            grace_period=grace_period,
+            reconnect=reconnect,
+            on_connection_event=on_connection_event,
+            connect_timeout=connect_timeout,
+            name=name,
+            loop_block_threshold=loop_block_threshold,
+            http=http,
+        )
+        self._lifecycle: Lifecycle[App] = Lifecycle(self)
+        self._publisher = Publisher(self._config.params, self._config.connector)
+        self._routes: list[Route] = []
+        # Kept across serve() calls: their reconnection counts are "since the App started".
+        self._supervisors: dict[str, Supervisor] = {}
+        self._consumers: list[Consumer] = []
+        self._metrics: AppMetrics | None = None
+        self._http_url: str | None = None
         self._serving = False
         self._started = False
         self._stop_event = trio.Event()
         self._stopped = trio.Event()
-        self._connections: dict[str, Connection] = {}
-        self._connected: dict[str, trio.Event] = {}
-        self._reconnects: dict[str, int] = {}
-        # Publishing has connections of its own (one per vhost, opened on the
-        # first publish): a broker short of memory or disk blocks every
-        # connection that publishes, and the consumers' acks must still flow.
-        self._publisher_connections: dict[str, Connection] = {}
-        self._consumed_vhosts: frozenset[str] = frozenset()
-        self._publishers: dict[str, Channel] = {}
-        self._publisher_locks: dict[str, trio.Lock] = {}
         self._nursery: trio.Nursery | None = None
+        # The scopes the grace timer cancels: the supervisors' worker nurseries
+        # and the runs of periodic tasks.
         self._worker_scopes: set[trio.CancelScope] = set()
         self._startup_scope: trio.CancelScope | None = None
         #: A dict for application state shared by handlers (database pools, clients, ...).
         self.state: dict[str, Any] = {}
 
     def __repr__(self) -> str:
-        return f"<App {self._params.url()} routes={len(self._routes)}>"
+        return f"<App {self.url} routes={len(self._routes)}>"
+
+    # -- configuration ------------------------------------------------------
 
     @property
     def url(self) -> str:
         """The broker URL, with the password masked."""
-        return self._params.url()
+        return self._config.params.url()
+
+    @property
+    def vhost(self) -> str:
+        """The default vhost: of routes and publishes that give none (the URL's, else ``/``)."""
+        return self._config.params.vhost
+
+    @property
+    def http(self) -> str | None:
+        """``host:port`` where ``serve()`` serves health and metrics, or None."""
+        return self._config.http
+
+    @property
+    def http_url(self) -> str | None:
+        """The URL of the health/metrics server while serving (None without ``http=``)."""
+        return self._http_url
+
+    prefetch_count = _ConfigAttribute[int](
+        "prefetch_count", "Messages of one queue delivered and not yet settled (and handlers)."
+    )
+    grace_period = _ConfigAttribute[float](
+        "grace_period", "Seconds in-flight handlers get to finish on shutdown."
+    )
+    reconnect = _ConfigAttribute[Backoff]("reconnect", "The delays between reconnection attempts.")
+    loop_block_threshold = _ConfigAttribute["float | None"](
+        "loop_block_threshold", "Seconds of a blocked event loop the watchdog reports (None: off)."
+    )
+
+    @property
+    def routes(self) -> tuple[Route, ...]:
+        """The registered routes, in registration order."""
+        return tuple(self._routes)
+
+    @contextmanager
+    def reconfigured(
+        self,
+        *,
+        url: str | None = None,
+        http: str | None = None,
+        connector: Connector | None = None,
+    ) -> Iterator[None]:
+        """Run this App with another URL, HTTP address or connector, for a ``with`` block.
+
+        ::
+
+            with app.reconfigured(url="amqp://worker:secret@rabbit:5672/"):
+                app.run()
+
+        ``url`` keeps the App's heartbeat, timeouts, connection name and (for
+        ``amqps://``) TLS context; ``http`` is a ``host:port`` for health and
+        metrics; ``connector`` opens the App's connections (``params -> async
+        context manager of a connection``: the test client passes one bound
+        to its private broker).  What is left None is unchanged.  On exit the
+        App gets back exactly what it had.  Raises ``ValueError`` for an
+        invalid URL or address (a password is never shown) and
+        ``RuntimeError`` while the App is serving.
+        """
+        if self._serving:
+            raise RuntimeError("cannot reconfigure an App while it is serving")
+        original = self._config
+        config = original
+        if url is not None:
+            try:
+                config = config.with_url(url)
+            except ValueError as exc:
+                raise ValueError(f"invalid broker URL {redact_url(url)!r}: {exc}") from None
+        if http is not None:
+            config = config.with_http(http)
+        if connector is not None:
+            config = config.with_connector(connector)
+        self._use(config)
+        try:
+            yield
+        finally:
+            self._use(original)
+
+    def _use(self, config: AppConfig) -> None:
+        self._config = config
+        self._publisher.configure(config.params, config.connector)
 
     # -- registration -------------------------------------------------------
 
+    @overload
     def route(
         self,
         queues: Iterable[str] | str,
@@ -295,6 +321,31 @@ class App(LifecycleMixin):
         middlewares: Sequence[Middleware] = (),
         settlement: Middleware | None = None,
         declare: bool = False,
+        bulk_size: None = None,
+        bulk_flush_interval: float = 1.0,
+    ) -> Callable[[H], H]: ...
+
+    @overload
+    def route(
+        self,
+        queues: Iterable[str] | str,
+        *,
+        vhost: str | None = None,
+        middlewares: Sequence[BulkMiddleware] = (),
+        settlement: BulkMiddleware | None = None,
+        declare: bool = False,
+        bulk_size: int,
+        bulk_flush_interval: float = 1.0,
+    ) -> Callable[[H], H]: ...
+
+    def route(
+        self,
+        queues: Iterable[str] | str,
+        *,
+        vhost: str | None = None,
+        middlewares: Sequence[AnyMiddleware] = (),
+        settlement: AnyMiddleware | None = None,
+        declare: bool = False,
         bulk_size: int | None = None,
         bulk_flush_interval: float = 1.0,
     ) -> Callable[[H], H]:
@@ -302,7 +353,8 @@ class App(LifecycleMixin):
 
         The handler receives one ``Message`` per call, from any of ``queues``;
         with ``bulk_size``, a ``Batch`` (a ``list[Message]`` of one queue)
-        instead: see docs/bulk.md.
+        instead: see docs/bulk.md.  The middlewares of a bulk route receive
+        that ``Batch`` too (``BulkMiddleware``).
 
         Args:
             queues: the queue names (a single name is accepted too).
@@ -317,50 +369,79 @@ class App(LifecycleMixin):
         """
         if self._serving:
             raise RuntimeError("routes must be registered before serve()/run() starts")
-        names = (queues,) if isinstance(queues, str) else tuple(queues)
-        if not names:
-            raise ValueError("route() needs at least one queue name, got an empty list")
-        for name in names:
-            if not isinstance(name, str) or not name:
-                raise ValueError(f"queue names must be non-empty strings, got {name!r}")
-        route_vhost = self._params.vhost if vhost is None else vhost
-        if not isinstance(route_vhost, str) or not route_vhost:
-            raise ValueError(f"vhost must be a non-empty string, got {route_vhost!r}")
-        for existing in self._routes:
-            clash = set(existing.queues) & set(names)
-            if existing.vhost == route_vhost and clash:
-                raise ValueError(
-                    f"queue {sorted(clash)[0]!r} in vhost {route_vhost!r} already has a "
-                    f"handler ({existing.name}); one queue, one route"
-                )
-        route_middlewares = _check_middlewares(middlewares, "route()")
-        route_settlement = None if settlement is None else _check_settlement(settlement, "route()")
-        bulk = check_bulk(
-            bulk_size,
-            bulk_flush_interval,
-            self.prefetch_count,
-            (*self._middlewares, *route_middlewares),
+        make_route = check_route(
+            queues,
+            vhost=self.vhost if vhost is None else vhost,
+            middlewares=middlewares,
+            settlement=settlement,
+            declare=declare,
+            bulk_size=bulk_size,
+            bulk_flush_interval=bulk_flush_interval,
+            config=self._config,
+            existing=self._routes,
         )
 
         def decorator(handler: H) -> H:
-            if not is_async_callable(handler):
-                raise TypeError(
-                    f"handler {getattr(handler, '__qualname__', handler)!r} must be an async "
-                    "function (async def handler(message): ...)"
-                )
-            self._routes.append(
-                _Route(
-                    handler=handler,
-                    queues=names,
-                    vhost=route_vhost,
-                    middlewares=route_middlewares,
-                    settlement=route_settlement,
-                    declare=bool(declare),
-                    name=getattr(handler, "__qualname__", repr(handler)),
-                    bulk=bulk,
-                )
-            )
+            self._routes.append(make_route(handler))
             return handler
+
+        return decorator
+
+    def on_startup(self, hook: F) -> F:
+        """Register ``async def hook(app)`` to run before the consumers start.
+
+        Hooks run in registration order, each once per ``serve()``.  Put
+        shared resources (database pools, HTTP clients, ...) in ``app.state``
+        here: handlers reach it as ``message.app.state``.  If a hook raises,
+        ``serve()`` raises ``StartupError`` naming it and nothing is consumed
+        (``run()`` logs one line and exits with status 1); the shutdown
+        hooks do not run then.
+        """
+        self._lifecycle.add_startup_hook(hook)
+        return hook
+
+    def on_shutdown(self, hook: F) -> F:
+        """Register ``async def hook(app)`` to run once the consumers have drained.
+
+        Hooks run in registration order, after every in-flight handler
+        finished (or was cancelled at the end of the grace period) and the
+        periodic tasks stopped.  A hook that raises is logged with its
+        traceback and the next one still runs.  They run shielded from
+        cancellation, bounded by ``max(grace_period, 5)`` seconds in all.
+        """
+        self._lifecycle.add_shutdown_hook(hook)
+        return hook
+
+    def run_every(
+        self,
+        interval: float | datetime.timedelta,
+        *,
+        max_concurrency: int = 1,
+        run_at_start: bool = False,
+    ) -> Callable[[F], F]:
+        """Register ``async def task(app)`` to run every ``interval`` while serving.
+
+        The first run is ``interval`` after the consumers started (at once
+        with ``run_at_start=True``), then one every ``interval`` on a fixed
+        cadence.  A tick that finds ``max_concurrency`` runs of the task still
+        in progress is skipped (logged at DEBUG): runs never pile up, and
+        ticks missed while the process was busy are not made up.  An
+        exception is logged with its traceback and the schedule goes on.  On
+        shutdown no new run starts; runs in progress get the grace period to
+        finish, then are cancelled.
+
+        Args:
+            interval: seconds (> 0) or a ``datetime.timedelta``.
+            max_concurrency: how many runs of this task may overlap (>= 1).
+            run_at_start: also run once as soon as the App serves.
+        """
+        register = self._lifecycle.periodic_task(
+            interval, max_concurrency=max_concurrency, run_at_start=run_at_start
+        )
+
+        def decorator(function: F) -> F:
+            register(function)
+            return function
 
         return decorator
 
@@ -429,7 +510,13 @@ class App(LifecycleMixin):
         # _stop_event is fresh (see the finally clause): a signal received by
         # run() before this point still stops this serve().
         self._stopped = trio.Event()
+        config = self._config
+        self._publisher.open()
         try:
+            if config.http is not None and self._metrics is None:
+                from ._metrics import AppMetrics  # needs the 'http' extra
+
+                self._metrics = AppMetrics(self.statistics)
             # Startup hooks first: handlers and chains may rely on app.state.
             # shutdown() cancels a hook that hangs (nothing is consumed yet).
             with trio.CancelScope() as self._startup_scope:
@@ -444,34 +531,65 @@ class App(LifecycleMixin):
                 return
             by_vhost: dict[str, list[Consumer]] = {}
             for route in self._routes:
-                chain = self._build_chain(route)
-                route.consumers = [Consumer(self, route, queue, chain) for queue in route.queues]
-                by_vhost.setdefault(route.vhost, []).extend(route.consumers)
-            self._consumed_vhosts = frozenset(by_vhost)
+                by_vhost.setdefault(route.vhost, []).extend(self._consumers_of(route, config))
+            self._consumers = [c for consumers in by_vhost.values() for c in consumers]
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
-                nursery.start_soon(self._grace_timer)
-                if self.loop_block_threshold is not None:
-                    await nursery.start(watch_loop, self, self.loop_block_threshold)
-                await self._lifecycle.start_http(nursery)
+                self._publisher.attach(nursery, frozenset(by_vhost), self._vhost_connected)
+                nursery.start_soon(
+                    grace_timer,
+                    self._stop_event,
+                    lambda: self.grace_period,
+                    self._cancel_handlers,
+                    self.statistics,
+                )
+                if config.loop_block_threshold is not None:
+                    await nursery.start(
+                        watch_loop,
+                        self.statistics,
+                        config.loop_block_threshold,
+                        config.params.heartbeat,
+                    )
+                if config.http is not None and self._metrics is not None:
+                    from ._http import start_http  # needs the 'http' extra
+
+                    self._http_url = await start_http(
+                        nursery, self.statistics, self._metrics, config.http
+                    )
                 async with trio.open_nursery() as supervisors:
                     for vhost, consumers in by_vhost.items():
-                        await supervisors.start(self._supervise, vhost, consumers)
+                        supervisor = self._supervisors.get(vhost)
+                        if supervisor is None:
+                            supervisor = self._supervisors[vhost] = Supervisor(
+                                vhost, report=self._report, worker_scopes=self._worker_scopes
+                            )
+                        await supervisors.start(
+                            functools.partial(
+                                supervisor.run,
+                                replace(config.params, vhost=vhost),
+                                consumers,
+                                connector=config.connector,
+                                backoff=config.reconnect,
+                                stop=self._stop_event,
+                                on_drained=self._publisher.close_vhost,
+                            )
+                        )
                     self._started = True
                     logger.info(
                         "serving %d queue(s) in vhost(s) %s on %s",
                         sum(len(c) for c in by_vhost.values()),
                         ", ".join(repr(vhost) for vhost in by_vhost),
-                        self._params.url(),
+                        config.params.url(),
                     )
                     task_status.started()
-                    supervisors.start_soon(self._lifecycle.run_periodic)
+                    supervisors.start_soon(
+                        self._lifecycle.run_periodic, self._stop_event, self._worker_scopes
+                    )
                 # Every vhost has drained: close the publishing connections
                 # left (to vhosts the App only publishes to); a publish from
                 # now on (a shutdown hook) opens a short-lived connection.
                 self._nursery = None
-                for vhost in list(self._publisher_connections):
-                    await self._close_publisher(vhost)
+                await self._publisher.detach()
                 # Stop the grace timer and user tasks.
                 nursery.cancel_scope.cancel()
         except BaseExceptionGroup as group:
@@ -482,15 +600,13 @@ class App(LifecycleMixin):
                 raise leaf from None
             raise
         finally:
-            await self._lifecycle.shutdown()
+            await self._lifecycle.shutdown(max(self.grace_period, 5.0))
             self._startup_scope = None
             self._nursery = None
+            self._http_url = None
             self._serving = False
             self._started = False
-            self._connections.clear()
-            self._publishers.clear()
-            self._publisher_connections.clear()
-            self._consumed_vhosts = frozenset()
+            self._publisher.close()
             self._stop_event = trio.Event()
             self._stopped.set()
 
@@ -515,6 +631,17 @@ class App(LifecycleMixin):
             return
         await self._stopped.wait()
 
+    async def wait_idle(self) -> None:
+        """Return once no handler of this App is running (``in_flight`` 0 everywhere).
+
+        It does not wait for messages still to be delivered (the test client does).
+        """
+        while True:
+            busy = [consumer for consumer in self._consumers if consumer.in_flight]
+            if not busy:
+                return
+            await busy[0].wait_idle()
+
     def _request_stop(self) -> None:
         self._stop_event.set()
         if self._startup_scope is not None:
@@ -524,138 +651,38 @@ class App(LifecycleMixin):
         self._request_stop()
         self._cancel_handlers()
 
-    def _build_chain(self, route: _Route) -> CallNext:
-        settlement = route.settlement or self._settlement
-        handler = self._lifecycle.wrap_handler(route)
-        return build_chain(handler, (settlement, *self._middlewares, *route.middlewares))
-
-    # -- connection supervision ------------------------------------------------
-
-    async def _supervise(
-        self,
-        vhost: str,
-        consumers: list[Consumer],
-        *,
-        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
-    ) -> None:
-        """Keep one connection to ``vhost`` open and its consumers registered."""
-        params = replace(self._params, vhost=vhost)
-        connected = self._connected.setdefault(vhost, trio.Event())
-        self._reconnects.setdefault(vhost, 0)
-        self._publisher_locks.setdefault(vhost, trio.Lock())
-        first = True
-        attempt = 0
-        # Handlers run in this nursery, which outlives each connection so that
-        # in-flight handlers finish when their connection drops.
-        async with trio.open_nursery() as workers:
-            self._worker_scopes.add(workers.cancel_scope)
-            while not self._stop_event.is_set():
-                try:
-                    async with connect(params) as connection:
-                        self._connections[vhost] = connection
-                        connected.set()
-                        async with trio.open_nursery() as generation:
-                            for consumer in consumers:
-                                await generation.start(consumer.run, connection, workers)
-                            if first:
-                                first = False
-                                self._report("connected", vhost, None, None)
-                                task_status.started()
-                            else:
-                                self._reconnects[vhost] += 1
-                                logger.info("reconnected to %s", params.display)
-                                self._report("recovered", vhost, None, None)
-                            attempt = 0
-                            # The consumers return when the connection closes,
-                            # or after draining once the App is stopping.
-                        if not self._stop_event.is_set():
-                            await wait_first(connection.wait_closed, self._stop_event.wait)
-                        if not connection.is_open:
-                            raise connection.close_reason or ConnectionClosed("connection lost")
-                except (ConnectionClosed, ChannelClosed, ConnectError) as exc:
-                    connected = self._reset_connected(vhost)
-                    if first:
-                        raise _startup_error(exc, params) from None
-                    if self._stop_event.is_set():
-                        break
-                    kind = "lost" if attempt == 0 else "reconnect_failed"
-                    delay = self.reconnect.delay(attempt)
-                    attempt += 1
-                    logger.warning(
-                        "connection to %s %s: %s; reconnecting in %.1f s",
-                        params.display,
-                        "lost" if kind == "lost" else "still down",
-                        exc,
-                        delay,
-                    )
-                    self._report(kind, vhost, None, exc)
-                    await sleep_unless(self._stop_event, delay)
-                finally:
-                    self._connections.pop(vhost, None)
-            if first:
-                # Stopped before the first connection: nothing to wait for.
-                task_status.started()
-            # This vhost is done: from now on a publish to it (a shutdown hook,
-            # a handler still finishing) opens a connection of its own instead
-            # of waiting for a reconnection that never comes.
-            self._connected.pop(vhost, connected).set()
-            # Handlers of a connection that died during shutdown may still run;
-            # the grace timer bounds this wait.  Then retire the idle workers.
-            for consumer in consumers:
-                await consumer.wait_idle()
-            # Publishing goes on until every handler has finished.
-            await self._close_publisher(vhost)
-            workers.cancel_scope.cancel()
-        self._worker_scopes.discard(workers.cancel_scope)
-
-    async def _grace_timer(self) -> None:
-        await self._stop_event.wait()
-        await trio.sleep(self.grace_period)
-        logger.warning(
-            "grace period of %.0f s is over: cancelling in-flight handlers (their messages "
-            "are requeued)",
-            self.grace_period,
+    def _consumers_of(self, route: Route, config: AppConfig) -> list[Consumer]:
+        """One consumer per queue of ``route``, each with its dispatcher and the route's chain."""
+        handler: Callable[[Any], Awaitable[Any]] = route.handler
+        if self._metrics is not None:
+            handler = self._metrics.timed(handler, route.name, route.vhost)
+        return consumers_for(
+            route.queues,
+            route.vhost,
+            handler,
+            (route.settlement or config.settlement, *config.middlewares, *route.middlewares),
+            app=self,
+            route=route.name,
+            prefetch=config.prefetch_count,
+            declare=route.declare,
+            bulk=None if route.bulk_size is None else (route.bulk_size, route.bulk_flush_interval),
+            stop=self._stop_event,
+            on_cancelled=functools.partial(self._on_cancelled, route.vhost),
         )
-        self._cancel_handlers()
-        # A handler that shields itself from cancellation keeps serve() open;
-        # say which one, since trio cannot leave it behind.
-        while True:
-            await trio.sleep(_STUCK_REPORT_SECONDS)
-            stuck = [
-                f"{c.vhost}/{c.queue} ({c.in_flight})"
-                for c in self.statistics().consumers
-                if c.in_flight
-            ]
-            if stuck:
-                logger.error(
-                    "shutdown is waiting for handlers that ignore cancellation: %s",
-                    ", ".join(stuck),
-                )
+
+    def _vhost_connected(self, vhost: str) -> trio.Event | None:
+        supervisor = self._supervisors.get(vhost)
+        return None if supervisor is None else supervisor.connected
+
+    def _on_cancelled(self, vhost: str, queue: str) -> None:
+        self._report(ConnectionEvent("consumer_cancelled", vhost, queue))
+
+    def _report(self, event: ConnectionEvent) -> None:
+        report_event(self._config.on_connection_event, event, self._nursery)
 
     def _cancel_handlers(self) -> None:
         for scope in self._worker_scopes:
             scope.cancel()
-
-    def _reset_connected(self, vhost: str) -> trio.Event:
-        event = self._connected.get(vhost)
-        if event is None or event.is_set():
-            event = self._connected[vhost] = trio.Event()
-        return event
-
-    def _report(
-        self, kind: str, vhost: str, queue: str | None, error: BaseException | None
-    ) -> None:
-        callback = self._on_connection_event
-        if callback is None:
-            return
-        event = ConnectionEvent(kind=kind, vhost=vhost, queue=queue, error=error)
-        try:
-            result = callback(event)
-        except Exception:
-            logger.exception("on_connection_event callback failed on %s", event)
-            return
-        if inspect.isawaitable(result) and self._nursery is not None:
-            self._nursery.start_soon(_await_logged, result, event)
 
     # -- publishing -------------------------------------------------------------
 
@@ -682,7 +709,7 @@ class App(LifecycleMixin):
         serving, a publish interrupted by a lost connection is retried on the
         next one, for up to ``timeout`` seconds; then ``PublishTimeout``.
         """
-        payload, content_type = _encode_body(body)
+        payload, content_type = encode_body(body)
         props = replace(properties) if properties is not None else Properties()
         if headers:
             props.headers = {**(props.headers or {}), **headers}
@@ -690,42 +717,15 @@ class App(LifecycleMixin):
             props.content_type = content_type
         if persistent and props.delivery_mode is None:
             props.delivery_mode = 2
-        target_vhost = self._params.vhost if vhost is None else vhost
-        try:
-            with trio.fail_after(timeout):
-                while True:
-                    async with self._publisher(target_vhost) as channel:
-                        try:
-                            await channel.publish(
-                                payload,
-                                exchange=exchange,
-                                routing_key=routing_key,
-                                properties=props,
-                                mandatory=mandatory,
-                            )
-                            break
-                        except (ConnectionClosed, ChannelClosed) as exc:
-                            if not self._retry_publish(exchange, exc):
-                                raise
-                    # The connection (or the channel) went down before the
-                    # confirm: publish again on the next one.  The first copy
-                    # may have reached the queue: at-least-once.  (A short
-                    # pause: a broker dropping every connection is not hammered.)
-                    await trio.sleep(0.02)
-        except trio.TooSlowError:
-            self._lifecycle.count_publish(target_vhost, False)
-            publishing = self._publisher_connections.get(target_vhost)
-            blocked = publishing.blocked if publishing is not None else None
-            why = f" (the broker is blocking publishers: {blocked})" if blocked else ""
-            raise PublishTimeout(
-                f"message to exchange {exchange!r} with routing key {routing_key!r} "
-                f"(vhost {target_vhost!r}) was not confirmed within {timeout} s{why}; it may "
-                "or may not have been delivered"
-            ) from None
-        except Exception:
-            self._lifecycle.count_publish(target_vhost, False)
-            raise
-        self._lifecycle.count_publish(target_vhost, True)
+        await self._publisher.publish(
+            payload,
+            vhost=self.vhost if vhost is None else vhost,
+            exchange=exchange,
+            routing_key=routing_key,
+            properties=props,
+            mandatory=mandatory,
+            timeout=timeout,
+        )
 
     async def declare_queue(
         self,
@@ -736,122 +736,12 @@ class App(LifecycleMixin):
         arguments: dict[str, Any] | None = None,
     ) -> None:
         """Declare a queue (idempotent: an existing queue with the same arguments is kept)."""
-        target_vhost = self._params.vhost if vhost is None else vhost
-        async with self._publisher(target_vhost) as channel:
-            await channel.queue_declare(name, durable=durable, arguments=arguments)
-
-    @asynccontextmanager
-    async def _publisher(self, vhost: str) -> AsyncIterator[Channel]:
-        """A confirm-mode channel on ``vhost``; retried across reconnects while serving."""
-        # A context manager yields once: retrying the body is the caller's job
-        # (see publish()).  Only getting a channel is retried here.
-        channel: Channel | None = None
-        while channel is None:
-            connected = self._connected.get(vhost)
-            if connected is None or not self._serving:
-                break
-            await connected.wait()
-            try:
-                channel = await self._publisher_channel(vhost)
-            except (ConnectionClosed, ChannelClosed, ConnectError) as exc:
-                if isinstance(exc, QueueNotFound | AuthenticationError):
-                    raise
-                # Retried until the caller's timeout (the broker may be
-                # restarting: the consumers' supervisor reconnects meanwhile).
-                await trio.sleep(0.05)
-        if channel is None and self._nursery is not None and vhost not in self._consumed_vhosts:
-            # Serving, to a vhost the App only publishes to: a publishing
-            # connection is kept for it too (a connection per message would
-            # cost a TCP and an AMQP handshake each time).
-            channel = await self._publisher_channel(vhost)
-        if channel is None:
-            # Not serving, or that vhost's consumers have stopped: a
-            # short-lived connection of its own.
-            async with connect(replace(self._params, vhost=vhost)) as connection:
-                channel = await connection.channel()
-                await channel.confirm_select()
-                yield channel
-            return
-        try:
-            yield channel
-        except (ConnectionClosed, ChannelClosed):
-            # A dead channel is never reused (404 from a publish closes it, too).
-            if self._publishers.get(vhost) is channel:
-                del self._publishers[vhost]
-            raise
-
-    def _retry_publish(self, exchange: str, exc: ConnectionClosed | ChannelClosed) -> bool:
-        """Whether a publish that failed with ``exc`` goes again on a new channel."""
-        if not self._serving:
-            return False
-        if isinstance(exc, ConnectionClosed) or not exc.reply_code:
-            # Lost with its connection, or closed locally (a vhost that
-            # finished draining closes its publishing connection): the next
-            # attempt waits for the reconnection, or takes a short-lived
-            # connection once that vhost has stopped.
-            return True
-        # A 404 naming another exchange: a concurrent publish on the shared
-        # channel used a missing exchange, which closed the channel under this one.
-        return isinstance(exc, QueueNotFound) and f"'{exchange}'" not in exc.reply_text
-
-    async def _publisher_channel(self, vhost: str) -> Channel:
-        channel = self._publishers.get(vhost)
-        if channel is not None and channel.is_open:
-            return channel
-        async with self._publisher_locks.setdefault(vhost, trio.Lock()):
-            channel = self._publishers.get(vhost)
-            if channel is not None and channel.is_open:
-                return channel
-            connection = self._publisher_connections.get(vhost)
-            if connection is None or not connection.is_open:
-                if self._nursery is None:
-                    raise ConnectionClosed("not serving")
-                connection = await self._nursery.start(self._hold_publisher_connection, vhost)
-            channel = await connection.channel()
-            await channel.confirm_select()
-            self._publishers[vhost] = channel
-            return channel
-
-    async def _hold_publisher_connection(
-        self, vhost: str, *, task_status: trio.TaskStatus[Connection]
-    ) -> None:
-        """Open the publishing connection to ``vhost`` and hold it until it closes.
-
-        ``_close_publisher`` closes it; a lost one is replaced by the next
-        publish.  An error while opening it goes to that publish.
-        """
-        params = replace(
-            self._params, vhost=vhost, client_name=f"{self._params.client_name} (publisher)"
+        await self._publisher.declare_queue(
+            name,
+            vhost=self.vhost if vhost is None else vhost,
+            durable=durable,
+            arguments=arguments,
         )
-        started = False
-        try:
-            async with connect(params) as connection:
-                self._publisher_connections[vhost] = connection
-                task_status.started(connection)
-                started = True
-                try:
-                    await connection.wait_closed()
-                finally:
-                    if self._publisher_connections.get(vhost) is connection:
-                        del self._publisher_connections[vhost]
-        except Exception as exc:
-            if not started:
-                raise
-            # Never into the App's nursery: the next publish opens another.
-            if isinstance(exc, AsyncWorkerError):
-                logger.debug("publishing connection to vhost %r closed: %s", vhost, exc)
-            else:
-                logger.warning("publishing connection to vhost %r failed: %r", vhost, exc)
-
-    async def _close_publisher(self, vhost: str) -> None:
-        """Close the publishing channel and connection of ``vhost`` (once serving ends)."""
-        channel = self._publishers.pop(vhost, None)
-        connection = self._publisher_connections.pop(vhost, None)
-        with trio.CancelScope(shield=True), trio.move_on_after(5), suppress(AsyncWorkerError):
-            if channel is not None and channel.is_open:
-                await channel.close()
-            if connection is not None:
-                await connection.aclose()
 
     # -- testing ------------------------------------------------------------------
 
@@ -861,6 +751,8 @@ class App(LifecycleMixin):
         Use it as ``async with app.test_client() as client:``; keyword
         arguments go to ``asyncworker.testing.TestClient``.  See docs/testing.md.
         """
+        # The one import upward (as Flask's app.test_client() does): the
+        # testing layer sits above the App, and is loaded only when used.
         from .testing import TestClient
 
         return TestClient(self, **kwargs)
@@ -868,19 +760,15 @@ class App(LifecycleMixin):
     # -- introspection ------------------------------------------------------------
 
     def statistics(self) -> AppStatistics:
-        """A snapshot of the App's connections and consumers."""
+        """A snapshot of the App's connections, consumers and publishes."""
+        supervisors = self._supervisors
         return AppStatistics(
             serving=self._started,
-            connected={
-                vhost: vhost in self._connections and self._connections[vhost].is_open
-                for vhost in self._reconnects
-            },
-            reconnects=dict(self._reconnects),
-            consumers=tuple(
-                consumer.statistics() for route in self._routes for consumer in route.consumers
-            ),
-            publishes_confirmed=dict(self._lifecycle.publishes_confirmed),
-            publishes_failed=dict(self._lifecycle.publishes_failed),
+            connected={vhost: s.is_connected for vhost, s in supervisors.items()},
+            reconnects={vhost: s.reconnects for vhost, s in supervisors.items()},
+            consumers=tuple(consumer.statistics() for consumer in self._consumers),
+            publishes_confirmed=dict(self._publisher.confirmed),
+            publishes_failed=dict(self._publisher.failed),
         )
 
 
@@ -890,68 +778,3 @@ class App(LifecycleMixin):
 @functools.cache
 def _init_parameters() -> frozenset[str]:
     return frozenset(inspect.signature(App.__init__).parameters) - {"self"}
-
-
-def _check_middlewares(middlewares: Sequence[Middleware], where: str) -> tuple[Middleware, ...]:
-    if isinstance(middlewares, (str, bytes)) or not isinstance(middlewares, Iterable):
-        raise TypeError(f"{where} middlewares must be a list, got {middlewares!r}")
-    result = tuple(middlewares)
-    for middleware in result:
-        if isinstance(middleware, type):
-            raise TypeError(
-                f"{where}: middleware {middleware.__name__} is a class; pass an instance "
-                f"({middleware.__name__}(...))"
-            )
-        # Checked by declaration, not by class: any settlement policy says so.
-        if getattr(middleware, "is_settlement_policy", False):
-            name = type(middleware).__name__
-            raise ValueError(
-                f"{where}: {name} is the settlement policy, not a middleware; "
-                f"pass it as settlement={name}(...)"
-            )
-        if not is_async_callable(middleware):
-            raise TypeError(
-                f"{where}: middleware {middleware!r} must be an async callable "
-                "(async def middleware(message, call_next): ...)"
-            )
-    return result
-
-
-def _check_settlement(settlement: Middleware | None, where: str) -> Middleware:
-    if settlement is None:
-        return AckRequeue()
-    if not is_async_callable(settlement):
-        raise TypeError(
-            f"{where}: settlement must be an AckRequeue(...) or an async callable "
-            f"(message, call_next) that settles every message, got {settlement!r}"
-        )
-    return settlement
-
-
-def _encode_body(body: bytes | str | Any) -> tuple[bytes, str | None]:
-    if isinstance(body, bytes):
-        return body, None
-    if isinstance(body, (bytearray, memoryview)):
-        return bytes(body), None
-    if isinstance(body, str):
-        return body.encode(), "text/plain"
-    try:
-        return json.dumps(body, separators=(",", ":")).encode(), "application/json"
-    except (TypeError, ValueError) as exc:
-        raise TypeError(
-            f"cannot publish a body of type {type(body).__name__}: pass bytes, str or a "
-            f"JSON-serialisable object ({exc})"
-        ) from exc
-
-
-def _startup_error(exc: BaseException, params: ConnectionParams) -> BaseException:
-    if isinstance(exc, ConnectError):
-        return exc
-    return ConnectError(f"cannot connect to {params.display}: {exc}")
-
-
-async def _await_logged(awaitable: Awaitable[Any], event: ConnectionEvent) -> None:
-    try:
-        await awaitable
-    except Exception:
-        logger.exception("on_connection_event callback failed on %s", event)

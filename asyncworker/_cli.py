@@ -227,45 +227,39 @@ def _user_frame(exc: BaseException) -> traceback.FrameSummary:
     return frames[-1]
 
 
-def override_url(app: App, url: str) -> None:
-    """Point ``app`` at ``url``, keeping its heartbeat, timeouts, name and TLS context."""
-    from ._transports import ConnectionParams, redact_url
+def reconfigure(app: App, url: str | None, http: str | None) -> contextlib.ExitStack:
+    """``app.reconfigured(url=..., http=...)``, entered; close the stack to restore the App.
 
-    old = app._params
-    overrides: dict[str, Any] = {
-        "heartbeat": old.heartbeat,
-        "connect_timeout": old.connect_timeout,
-        "client_name": old.client_name,
-    }
+    An invalid URL or address is a ``UsageError`` (the URL's password masked).
+    """
+    stack = contextlib.ExitStack()
     try:
-        params = ConnectionParams.from_url(url, **overrides)
+        stack.enter_context(app.reconfigured(url=url, http=http))
     except ValueError as exc:
-        raise UsageError(f"invalid broker URL {redact_url(url)!r}: {exc}") from None
-    if params.scheme == "amqps" and old.ssl is not None:
-        params = replace(params, ssl=old.ssl)
-    app._params = params
+        raise UsageError(str(exc).replace("http=", "--http ")) from None
+    return stack
 
 
 def check_http(address: str) -> tuple[str, int]:
     """Validate ``--http HOST:PORT``; raise ``UsageError`` saying what is wrong."""
-    from ._lifecycle import _require_http_extra
+    from ._config import require_http_extra
 
     try:
         host, port = _settings.parse_http_address(address, "--http ")
-        _require_http_extra()
+        require_http_extra()
     except (ValueError, RuntimeError) as exc:
         raise UsageError(str(exc).replace("App(http=...)", "--http")) from None
     return host, port
 
 
-def override_http(app: App, address: str, worker: int = 1) -> None:
-    """Serve ``app``'s health and metrics on ``address`` (port + worker - 1 unless 0)."""
+def worker_http(address: str, worker: int = 1) -> str:
+    """Where worker number ``worker`` serves health and metrics (port + worker - 1 unless 0)."""
     host, port = check_http(address)
     if port and worker > 1:
         port += worker - 1
         if port > 65535:
             raise UsageError(f"--http {address}: worker {worker} would need port {port}")
-    app._lifecycle.http = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def _resolve_url(flag: str | None) -> str | None:
@@ -300,16 +294,17 @@ def _cmd_run(args: argparse.Namespace) -> int:
     url = _resolve_url(args.url)
     # Import in this process first, so a bad module is one clear line, once.
     app = load_app(args.target)
-    if url is not None:
-        override_url(app, url)
     if args.http is not None:
         check_http(args.http)
     if args.workers == 1:
-        if args.http is not None:
-            override_http(app, args.http)
-        app.run()
+        http = worker_http(args.http) if args.http is not None else None
+        with reconfigure(app, url, http):
+            app.run()
         return 0
-    return _run_workers(args.target, url, args.workers, app.url, args.http)
+    # The URL is checked here too, so that a bad one is one line, once.
+    with reconfigure(app, url, None):
+        display_url = app.url
+    return _run_workers(args.target, url, args.workers, display_url, args.http)
 
 
 def _worker_main(target: str, url: str | None, cwd: str, http: str | None, number: int) -> None:
@@ -320,14 +315,13 @@ def _worker_main(target: str, url: str | None, cwd: str, http: str | None, numbe
     os.chdir(cwd)
     try:
         app = load_app(target)
-        if url is not None:
-            override_url(app, url)
-        if http is not None:
-            override_http(app, http, number)
+        address = worker_http(http, number) if http is not None else None
+        stack = reconfigure(app, url, address)
     except UsageError as exc:
         print(f"asyncworker: {exc}", file=sys.stderr)
         sys.exit(2)
-    app.run()
+    with stack:
+        app.run()
 
 
 def _run_workers(

@@ -26,13 +26,15 @@ from hypercorn.config import Config
 from hypercorn.trio import serve
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from ._exceptions import StartupError
 from ._settings import parse_http_address
+from ._util import only_leaf
 
 if TYPE_CHECKING:
-    from ._app import App
     from ._metrics import AppMetrics
+    from ._statistics import AppStatistics
 
-__all__ = ["readiness", "serve_http"]
+__all__ = ["readiness", "serve_http", "start_http"]
 
 logger = logging.getLogger("asyncworker")
 
@@ -43,9 +45,8 @@ Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
 _JSON = b"application/json"
 
 
-def readiness(app: App) -> list[str]:
+def readiness(stats: AppStatistics) -> list[str]:
     """Why the App is not ready, or an empty list when it is."""
-    stats = app.statistics()
     reasons: list[str] = []
     if not stats.serving:
         reasons.append("the App is not serving (starting or stopping)")
@@ -62,8 +63,8 @@ def readiness(app: App) -> list[str]:
 class _HealthApp:
     """The ASGI application."""
 
-    def __init__(self, app: App, metrics: AppMetrics) -> None:
-        self.app = app
+    def __init__(self, statistics: Callable[[], AppStatistics], metrics: AppMetrics) -> None:
+        self.statistics = statistics
         self.metrics = metrics
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -84,7 +85,7 @@ class _HealthApp:
         if path == "/health/live":
             await _respond(send, 200, _JSON, b'{"status": "ok"}', scope)
         elif path in ("/health", "/health/ready"):
-            reasons = readiness(self.app)
+            reasons = readiness(self.statistics())
             if reasons:
                 body = json.dumps({"status": "unavailable", "reasons": reasons}).encode()
                 await _respond(send, 503, _JSON, body, scope)
@@ -111,8 +112,31 @@ async def _respond(send: Send, status: int, content_type: bytes, body: bytes, sc
     await send({"type": "http.response.body", "body": b"" if scope["method"] == "HEAD" else body})
 
 
+async def start_http(
+    nursery: trio.Nursery,
+    statistics: Callable[[], AppStatistics],
+    metrics: AppMetrics,
+    address: str,
+) -> str:
+    """Start the health/metrics server in ``nursery``; the URL it listens on.
+
+    Raises ``StartupError`` naming the address if it cannot be bound.
+    """
+    try:
+        url: str = await nursery.start(serve_http, statistics, metrics, address)
+    except (OSError, BaseExceptionGroup) as exc:
+        # hypercorn's nurseries wrap the bind error in groups.
+        leaf = only_leaf(exc)
+        if not isinstance(leaf, OSError):
+            raise
+        raise StartupError(
+            f"cannot serve health and metrics on {address}: {leaf.strerror or leaf}"
+        ) from leaf
+    return url
+
+
 async def serve_http(
-    app: App,
+    statistics: Callable[[], AppStatistics],
     metrics: AppMetrics,
     address: str,
     *,
@@ -131,7 +155,7 @@ async def serve_http(
     config.graceful_timeout = 1.0
 
     async with trio.open_nursery() as nursery:
-        binds: list[str] = await nursery.start(_serve, _HealthApp(app, metrics), config)
+        binds: list[str] = await nursery.start(_serve, _HealthApp(statistics, metrics), config)
         url = binds[0] if binds else f"http://{address}"
         logger.info("serving health and metrics on %s", url)
         task_status.started(url)

@@ -1,10 +1,11 @@
 """Prometheus metrics of one App, in a registry of its own (no global state).
 
-Counters and gauges are read from ``App.statistics()`` when ``/metrics`` is
-scraped, so they cost nothing on the hot path.  Only the handler duration
-histogram needs a measure per message: its step is added to each route's
-chain when the chain is built (at ``serve()``), and only when the App serves
-HTTP; without ``http=`` no step is added.
+Counters and gauges are read from ``App.statistics()`` (the only thing this
+module is given of the App) when ``/metrics`` is scraped, so they cost
+nothing on the hot path.  Only the handler duration histogram needs a
+measure per message: its step is added to each route's chain when the chain
+is built (at ``serve()``), and only when the App serves HTTP; without
+``http=`` no step is added.
 
 The names and labels are listed in docs/operations.md.
 """
@@ -12,7 +13,7 @@ The names and labels are listed in docs/operations.md.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
@@ -20,9 +21,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
-    from ._app import App
-    from ._chain import CallNext
-    from ._message import Message
+    from ._statistics import AppStatistics
 
 __all__ = ["AppMetrics"]
 
@@ -49,10 +48,9 @@ DURATION_BUCKETS = (
 class AppMetrics:
     """The Prometheus registry of one App: its statistics plus handler durations."""
 
-    def __init__(self, app: App) -> None:
-        self.app = app
+    def __init__(self, statistics: Callable[[], AppStatistics]) -> None:
         self.registry = CollectorRegistry(auto_describe=False)
-        self.registry.register(_StatisticsCollector(app))
+        self.registry.register(_StatisticsCollector(statistics))
         self.durations = Histogram(
             "asyncworker_handler_duration_seconds",
             "Time the handler of a route took per message (per batch on bulk routes).",
@@ -65,12 +63,14 @@ class AppMetrics:
         """The registry in the Prometheus text exposition format."""
         return generate_latest(self.registry)
 
-    def timed(self, handler: CallNext, route: str, vhost: str) -> CallNext:
+    def timed(
+        self, handler: Callable[[Any], Awaitable[Any]], route: str, vhost: str
+    ) -> Callable[[Any], Awaitable[Any]]:
         """``handler`` wrapped so that its duration is observed (built once per route)."""
         observe = self.durations.labels(route=route, vhost=vhost).observe
         clock = time.perf_counter
 
-        async def timed_handler(message: Message) -> Any:
+        async def timed_handler(message: Any) -> Any:
             start = clock()
             try:
                 return await handler(message)
@@ -82,17 +82,16 @@ class AppMetrics:
 
 
 class _StatisticsCollector(Collector):
-    """Reads ``app.statistics()`` at scrape time."""
+    """Reads ``statistics()`` at scrape time."""
 
-    def __init__(self, app: App) -> None:
-        self.app = app
+    def __init__(self, statistics: Callable[[], AppStatistics]) -> None:
+        self.statistics = statistics
 
     def describe(self) -> Iterable[Metric]:
         return ()
 
     def collect(self) -> Iterable[Metric]:
-        app = self.app
-        stats = app.statistics()
+        stats = self.statistics()
         queue_labels = ["vhost", "queue"]
         counters = {
             "received": CounterMetricFamily(
@@ -164,13 +163,12 @@ class _StatisticsCollector(Collector):
             reconnects.add_metric([vhost], count)
         yield reconnects
 
-        lifecycle = app._lifecycle
         confirmed = CounterMetricFamily(
             "asyncworker_publishes_confirmed",
             "Messages published by App.publish() and confirmed by the broker.",
             labels=["vhost"],
         )
-        for vhost, count in lifecycle.publishes_confirmed.items():
+        for vhost, count in stats.publishes_confirmed.items():
             confirmed.add_metric([vhost], count)
         yield confirmed
         failed = CounterMetricFamily(
@@ -178,7 +176,7 @@ class _StatisticsCollector(Collector):
             "App.publish() calls that raised (nacked, unroutable, timed out, ...).",
             labels=["vhost"],
         )
-        for vhost, count in lifecycle.publishes_failed.items():
+        for vhost, count in stats.publishes_failed.items():
             failed.add_metric([vhost], count)
         yield failed
         serving = GaugeMetricFamily(

@@ -10,7 +10,8 @@ The watchdog is one task that sleeps ``interval`` seconds in a loop and
 measures how late it wakes up.  Lateness above the threshold means the loop
 was blocked; it then logs which routes had handlers running (or finishing)
 since its previous wake-up.  It reads the consumers' counters only when it
-wakes up, so the message hot path is untouched.  It cannot name the exact
+wakes up (``App.statistics()``, the only thing it is given of the App), so the
+message hot path is untouched.  It cannot name the exact
 handler (that would need a trio instrument on every task step): when
 several routes were busy in that window, all of them are named.
 """
@@ -18,13 +19,14 @@ several routes were busy in that window, all of them are named.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import trio
 
 if TYPE_CHECKING:
-    from ._app import App
+    from ._statistics import AppStatistics
 
 __all__: list[str] = []
 
@@ -40,18 +42,16 @@ class _Activity:
     settled: int
 
 
-def _activity(app: App) -> dict[tuple[str, str], _Activity]:
+def _activity(stats: AppStatistics) -> dict[tuple[str, str], _Activity]:
     result: dict[tuple[str, str], _Activity] = {}
-    for route in app._routes:
-        for consumer in route.consumers:
-            stats = consumer.statistics()
-            result[(consumer.vhost, consumer.queue)] = _Activity(
-                route=route.name,
-                queue=consumer.queue,
-                vhost=consumer.vhost,
-                in_flight=stats.in_flight,
-                settled=stats.acked + stats.requeued + stats.rejected + stats.lost,
-            )
+    for consumer in stats.consumers:
+        result[(consumer.vhost, consumer.queue)] = _Activity(
+            route=consumer.route,
+            queue=consumer.queue,
+            vhost=consumer.vhost,
+            in_flight=consumer.in_flight,
+            settled=consumer.acked + consumer.requeued + consumer.rejected + consumer.lost,
+        )
     return result
 
 
@@ -70,8 +70,9 @@ def _suspects(
 
 
 async def watch_loop(
-    app: App,
+    statistics: Callable[[], AppStatistics],
     threshold: float,
+    heartbeat: int,
     *,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
@@ -81,14 +82,13 @@ async def watch_loop(
     """
     # The block is measured to within ``interval``.
     interval = min(0.1, threshold / 4)
-    heartbeat = app._params.heartbeat
-    snapshot = _activity(app)
+    snapshot = _activity(statistics())
     task_status.started()
     while True:
         start = trio.current_time()
         await trio.sleep(interval)
         blocked = trio.current_time() - start - interval
-        current = _activity(app)
+        current = _activity(statistics())
         if blocked >= threshold:
             _report(blocked, threshold, heartbeat, _suspects(snapshot, current))
         snapshot = current

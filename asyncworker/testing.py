@@ -27,24 +27,27 @@ from __future__ import annotations
 
 import math
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
-from contextlib import AsyncExitStack, asynccontextmanager
-from dataclasses import replace
+from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 import trio
 
-from ._transports import Channel, ConnectionParams, Properties, connect
+from ._transports import Channel, Connection, ConnectionParams, Properties
 from ._transports.memory import MemoryBroker as MemoryBroker
 from ._transports.memory import QueueStats as QueueStats
-from ._transports.memory import register_broker, unregister_broker
+from ._transports.memory import connect as connect_memory
 from ._util import raise_single, wait_first
 
 if TYPE_CHECKING:
     from ._app import App
-    from ._consumer import Consumer
 
 __all__ = ["MemoryBroker", "QueueStats", "TestClient"]
+
+#: The URL the App shows (in logs, ``app.url``) while a TestClient runs it;
+#: its connector, not this name, takes every connection to the client's broker.
+_NAME = "testclient"
+_URL = f"memory://{_NAME}"
 
 
 class TestClient:
@@ -53,16 +56,18 @@ class TestClient:
     Use it as ``async with app.test_client() as client:`` (or
     ``TestClient(app)``).  On entry it
 
-    * registers a fresh ``MemoryBroker`` under a unique name (``client.broker``),
+    * makes a fresh ``MemoryBroker`` of its own (``client.broker``; it is not
+      registered under any name, so ``memory://`` URLs never reach it),
     * creates the vhost of every route on it and declares every route's
       queues (durable; with the arguments given in ``queues`` if any), so a
       test needs no setup,
-    * points the App at that broker for the duration of the block (the App's
-      own URL is restored on exit; the App object is otherwise untouched),
+    * hands the App a connector bound to that broker for the duration of the
+      block (``App.reconfigured()``: the App's own settings are restored on
+      exit; the App object is otherwise untouched),
     * starts ``app.serve`` and returns once every consumer is registered.
 
     On exit the App is shut down gracefully (in-flight handlers get the App's
-    ``grace_period``), the broker is unregistered and the App gets its URL
+    ``grace_period``), and the App gets its own settings
     back.  An exception raised in the block propagates as itself, not wrapped
     in an exception group.
 
@@ -109,20 +114,17 @@ class TestClient:
         app = self.app
         if self._stack is not None:
             raise RuntimeError("this TestClient is already running; use one `async with` at a time")
-        if app._serving:
-            raise RuntimeError(
-                "the App is already serving: a TestClient runs app.serve itself, on its own "
-                "in-memory broker; do not start the App yourself inside the test"
-            )
         stack = AsyncExitStack()
         try:
-            name = register_broker(self._broker)
-            stack.callback(unregister_broker, name)
-            original = app._params
-            # Swap the connection parameters for the duration of the block
-            # only: the user's App gets its own URL back on exit.
-            app._params = replace(original, scheme="memory", host=name, port=0, ssl=None)
-            stack.callback(_restore_params, app, original)
+            # The App runs on the private broker for the duration of the block
+            # only: it gets its own settings back on exit.
+            try:
+                stack.enter_context(app.reconfigured(url=_URL, connector=self._connect))
+            except RuntimeError:
+                raise RuntimeError(
+                    "the App is already serving: a TestClient runs app.serve itself, on its "
+                    "own in-memory broker; do not start the App yourself inside the test"
+                ) from None
             await stack.enter_async_context(self._serving())
         except BaseException:
             await stack.aclose()
@@ -143,9 +145,9 @@ class TestClient:
     @asynccontextmanager
     async def _serving(self) -> AsyncIterator[None]:
         app = self.app
-        default_vhost = app._params.vhost
+        default_vhost = app.vhost
         routed: dict[str, set[str]] = {}
-        for route in app._routes:
+        for route in app.routes:
             routed.setdefault(route.vhost, set()).update(route.queues)
         routed.setdefault(default_vhost, set())
         extra = {name for name in self._queues if not any(name in qs for qs in routed.values())}
@@ -182,8 +184,9 @@ class TestClient:
             return channel
         if self._connect_stack is None:
             raise RuntimeError("the TestClient is not running: use it as `async with ...`")
-        params = replace(self.app._params, vhost=vhost)
-        connection = await self._connect_stack.enter_async_context(connect(params))
+        connection = await self._connect_stack.enter_async_context(
+            self._connect(ConnectionParams(scheme="memory", host=_NAME, port=0, vhost=vhost))
+        )
         channel = await connection.channel()
         await channel.confirm_select()
         self._channels[vhost] = channel
@@ -236,7 +239,7 @@ class TestClient:
     async def channel(self, vhost: str | None = None) -> Channel:
         """A confirm-mode channel on the broker, for anything else (exchanges, bindings, get)."""
         self._check_running()
-        target = self.app._params.vhost if vhost is None else vhost
+        target = self.app.vhost if vhost is None else vhost
         self._broker.add_vhost(target)
         return await self._channel(target)
 
@@ -264,34 +267,29 @@ class TestClient:
             busy, running = self._busy()
             if not busy:
                 return
-            waits: list[Callable[[], Awaitable[object]]] = [
-                _changed_since(broker, version),
-                *(consumer.wait_idle for consumer in running),
-            ]
+            waits: list[Callable[[], Awaitable[object]]] = [_changed_since(broker, version)]
+            if running:
+                waits.append(self.app.wait_idle)
             deadline = broker.next_expiry()
             with trio.move_on_at(math.inf if deadline is None else deadline):
                 await wait_first(*waits)
 
-    def _busy(self) -> tuple[bool, list[Consumer]]:
-        """Whether the App has work left, and its consumers running handlers."""
+    def _busy(self) -> tuple[bool, bool]:
+        """Whether the App has work left, and whether handlers are running."""
         broker = self._broker
-        busy = False
-        running: list[Consumer] = []
-        for route in self.app._routes:
-            for consumer in route.consumers:
-                stats = consumer.statistics()
-                if stats.in_flight:
-                    busy = True
-                    running.append(consumer)
-                elif stats.waiting:
-                    busy = True
-                vhost, queue = route.vhost, consumer.queue
-                if broker.has_queue(vhost, queue) and (
-                    broker.queue_size(vhost, queue) or broker.unacked_count(vhost, queue)
-                ):
-                    busy = True
+        busy = running = False
+        for consumer in self.app.statistics().consumers:
+            if consumer.in_flight:
+                busy = running = True
+            elif consumer.waiting:
+                busy = True
+            vhost, queue = consumer.vhost, consumer.queue
+            if broker.has_queue(vhost, queue) and (
+                broker.queue_size(vhost, queue) or broker.unacked_count(vhost, queue)
+            ):
+                busy = True
         # A delay queue: its messages will expire into another queue.
-        if any(broker.has_delayed_messages(route.vhost) for route in self.app._routes):
+        if any(broker.has_delayed_messages(route.vhost) for route in self.app.routes):
             busy = True
         return busy, running
 
@@ -332,11 +330,9 @@ class TestClient:
         dead-lettered by the queue's dead-letter exchange)."""
         target = self._vhost(queue, vhost)
         return sum(
-            consumer.statistics().rejected
-            for route in self.app._routes
-            if route.vhost == target
-            for consumer in route.consumers
-            if consumer.queue == queue
+            consumer.rejected
+            for consumer in self.app.statistics().consumers
+            if consumer.vhost == target and consumer.queue == queue
         )
 
     def dead_lettered(self, queue: str, vhost: str | None = None) -> int:
@@ -369,14 +365,14 @@ class TestClient:
     def _vhost(self, queue: str, vhost: str | None) -> str:
         if vhost is not None:
             return vhost
-        for route in self.app._routes:
+        for route in self.app.routes:
             if queue in route.queues:
                 return route.vhost
-        return self.app._params.vhost
+        return self.app.vhost
 
-
-def _restore_params(app: App, params: ConnectionParams) -> None:
-    app._params = params
+    def _connect(self, params: ConnectionParams) -> AbstractAsyncContextManager[Connection]:
+        """The App's connector while the client runs: every connection reaches its broker."""
+        return connect_memory(params, broker=self._broker)
 
 
 def _changed_since(broker: MemoryBroker, version: int) -> Callable[[], Awaitable[None]]:

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import pytest
+import trio
 
-from asyncworker import App, Message
+from asyncworker import App, ConnectError, Message
+from asyncworker._transports import Connection, ConnectionParams
 from asyncworker._transports.memory import MemoryBroker
 from asyncworker.middlewares import AckRequeue, Action
 
@@ -95,11 +97,16 @@ def test_ack_requeue_actions_are_validated() -> None:
     assert AckRequeue(on_exception=Action.REJECT).on_exception is Action.REJECT
 
 
-def test_routes_after_serving_started_are_refused() -> None:
+async def test_routes_after_serving_started_are_refused() -> None:
     app = App()
-    app._serving = True
-    with pytest.raises(RuntimeError, match="before serve"):
-        app.route(["q"])
+
+    @app.route(["q"])
+    async def handler(message: Message) -> None:
+        pass
+
+    async with app.test_client():
+        with pytest.raises(RuntimeError, match="before serve"):
+            app.route(["q2"])
 
 
 @pytest.mark.parametrize("password", ["se#cret", "se?cret", "se/cret", "a@b"])
@@ -112,7 +119,28 @@ def test_a_password_with_special_characters_is_never_shown(password: str) -> Non
         assert "percent-encode" in str(exc)
     else:  # '@' is unambiguous: the last one ends the password
         assert password not in repr(app) and password not in app.url
-        assert app._params.password == password
+        # The connection is opened with the password as given.
+        seen: list[ConnectionParams] = []
+
+        class Refuse:
+            """A connector that records its parameters and refuses to connect."""
+
+            def __init__(self, params: ConnectionParams) -> None:
+                seen.append(params)
+
+            async def __aenter__(self) -> Connection:
+                raise ConnectError("refused by the test")
+
+            async def __aexit__(self, *exc_info: object) -> None:
+                return None
+
+        @app.route(["q"])
+        async def handler(message: Message) -> None:
+            pass
+
+        with app.reconfigured(connector=Refuse), pytest.raises(ConnectError, match="the test"):
+            trio.run(app.serve)
+        assert [params.password for params in seen] == [password]
 
 
 def test_http_without_the_http_extra_says_how_to_install_it(

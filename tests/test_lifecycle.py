@@ -348,7 +348,7 @@ async def test_shutdown_right_after_startup_hooks_returns(mem: MemoryBroker) -> 
 
     @app.on_startup
     async def stop_at_once(app: App) -> None:
-        app._stop_event.set()  # as shutdown() does, from inside serve()
+        await app.shutdown()  # from inside serve(), before the first connection
 
     with trio.fail_after(60):
         async with trio.open_nursery() as nursery:

@@ -79,12 +79,12 @@ def test_environment_fills_in_what_the_code_left_out(monkeypatch: pytest.MonkeyP
     monkeypatch.setenv("ASYNCWORKER_URL", "amqp://bob:secret@rabbit.example:5673/prod")
     app = App()
     assert (app.prefetch_count, app.grace_period) == (7, 2.5)
-    assert app._lifecycle.http == "127.0.0.1:9100"
+    assert app.http == "127.0.0.1:9100"
     assert app.url == "amqp://bob:***@rabbit.example:5673/prod"
     # What the code sets always wins.
     app = App(host="localhost", prefetch_count=3, grace_period=1, http="0.0.0.0:8080")
     assert (app.prefetch_count, app.grace_period) == (3, 1)
-    assert app._lifecycle.http == "0.0.0.0:8080"
+    assert app.http == "0.0.0.0:8080"
     assert app.url.startswith("amqp://guest:***@localhost:5672/")
     assert App(url="memory://x").url == "memory://x"
 
