@@ -20,7 +20,9 @@ args = parse_args("pamqp-raw")
 meter = Meter(args)
 
 
-async def main() -> None:
+# The ceiling is one hand-written loop, its closures inline: splitting it
+# into helpers would add calls to the very path it measures.
+async def main() -> None:  # noqa: C901
     done = trio.Event()
     delay = args.delay
     want_latency = args.latency
