@@ -62,12 +62,12 @@ from .codec import (
     ProtocolError,
     arguments_frame,
     close_frame,
-    content_head,
     decode_properties,
     encode_publish,
     method_frame,
-    settle_frame,
-    u16,
+    pack_settle,
+    unpack_content_head,
+    unpack_u16,
 )
 
 if TYPE_CHECKING:
@@ -350,7 +350,7 @@ class AMQPChannel(CloseOnce):
         if self._reason is not None or self._closing:
             self.check_open()
         conn = self._conn
-        frame = settle_frame.pack(
+        frame = pack_settle(
             FRAME_METHOD, self._id, 13, BASIC_ACK, delivery_tag, multiple, FRAME_END
         )
         if conn.wake is not None:
@@ -378,16 +378,14 @@ class AMQPChannel(CloseOnce):
         """Reject a delivery, requeueing it or not (dead-lettering it if configured)."""
         self.check_open()
         self._conn.push(
-            settle_frame.pack(
-                FRAME_METHOD, self._id, 13, BASIC_REJECT, delivery_tag, requeue, FRAME_END
-            )
+            pack_settle(FRAME_METHOD, self._id, 13, BASIC_REJECT, delivery_tag, requeue, FRAME_END)
         )
 
     def nack(self, delivery_tag: int, multiple: bool = False, requeue: bool = True) -> None:
         """Negatively acknowledge one delivery (or all up to it, with ``multiple``)."""
         self.check_open()
         self._conn.push(
-            settle_frame.pack(
+            pack_settle(
                 FRAME_METHOD,
                 self._id,
                 13,
@@ -604,13 +602,13 @@ class AMQPChannel(CloseOnce):
     def on_header(self, data: bytes, start: int) -> None:
         if self._content is None:
             raise ProtocolError(f"content header without a method on channel {self._id}")
-        _cls, _weight, size, flags = content_head.unpack_from(data, start)
+        _cls, _weight, size, flags = unpack_content_head(data, start)
         pos = start + 14
         word = flags
         while word & 1:
             # More property-flag words follow (no basic property uses them,
             # but the grammar allows it): skip them.
-            word = u16.unpack_from(data, pos)[0]
+            word = unpack_u16(data, pos)[0]
             pos += 2
         self._props = decode_properties(data, pos, flags & 0xFFFE)
         self._body_size = size

@@ -20,9 +20,10 @@ Background tasks never raise: a failure is recorded as the connection's
 ``close_reason``, every channel is marked closed with it, and everything that
 waits is woken up.
 
-The names the reader's per-frame loop uses (frame types, structs, decoders)
-are imported into this module's globals, so that moving them to ``codec``
-added no attribute lookup per frame.
+The names the reader's per-frame loop uses (frame types, decoders, and the
+struct methods ``codec`` exports already bound, see there why) are imported
+into this module's globals, so that moving them to ``codec`` added no
+attribute lookup per frame.
 """
 
 from __future__ import annotations
@@ -60,13 +61,13 @@ from .codec import (
     BASIC_DELIVER,
     HEARTBEAT_FRAME,
     ProtocolError,
-    content_head,
     decode_properties,
-    frame_head,
     method_frame,
     parse_deliver,
-    u32,
-    u64_bits,
+    unpack_content_head,
+    unpack_frame_head,
+    unpack_u32,
+    unpack_u64_bits,
 )
 
 if TYPE_CHECKING:
@@ -397,7 +398,7 @@ class AMQPConnection(CloseOnce):
                         leftover = data[pos:]
                         if len(leftover) >= 7:
                             # Ask for the rest of a big frame in one receive.
-                            need = 8 + frame_head.unpack_from(leftover)[2] - len(leftover)
+                            need = 8 + unpack_frame_head(leftover)[2] - len(leftover)
                 chunk = await self._receive(max(_RECEIVE_SIZE, need))
                 if not chunk:
                     raise _EOF
@@ -418,8 +419,8 @@ class AMQPConnection(CloseOnce):
         n = len(data)
         pos = 0
         channels = self._channels
-        unpack_head = frame_head.unpack_from
-        unpack_u32 = u32.unpack_from
+        unpack_head = unpack_frame_head  # locals: read per frame
+        unpack_index = unpack_u32
         while n - pos >= 8:
             ftype, channel_id, size = unpack_head(data, pos)
             end = pos + 7 + size
@@ -430,7 +431,7 @@ class AMQPConnection(CloseOnce):
             start = pos + 7
             pos = end + 1
             if ftype == FRAME_METHOD:
-                index = unpack_u32(data, start)[0]
+                index = unpack_index(data, start)[0]
                 if index == BASIC_DELIVER:
                     ch = channels.get(channel_id)
                     if ch is None:
@@ -444,7 +445,7 @@ class AMQPConnection(CloseOnce):
                         htype, hch, hsize = unpack_head(data, pos)
                         hend = pos + 7 + hsize
                         if htype == FRAME_HEADER and hch == channel_id and hend + 8 < n:
-                            _c, _w, body_size, flags = content_head.unpack_from(data, pos + 7)
+                            _c, _w, body_size, flags = unpack_content_head(data, pos + 7)
                             btype, bch, bsize = unpack_head(data, hend + 1)
                             bend = hend + 8 + bsize
                             if (
@@ -467,7 +468,7 @@ class AMQPConnection(CloseOnce):
                 elif index == BASIC_ACK:
                     ch = channels.get(channel_id)
                     if ch is not None:
-                        tag, bits = u64_bits.unpack_from(data, start + 4)
+                        tag, bits = unpack_u64_bits(data, start + 4)
                         ch.on_confirm(tag, bool(bits & 1), False)
                 else:
                     method = pframe.unmarshal(data[start - 7 : end + 1])[2]
@@ -528,7 +529,7 @@ class AMQPConnection(CloseOnce):
                     "speak AMQP 0-9-1"
                 )
             if len(buf) >= 7:
-                ftype, _ch, size = frame_head.unpack_from(buf)
+                ftype, _ch, size = unpack_frame_head(buf)
                 if len(buf) >= 8 + size:
                     frame = bytes(buf[: 8 + size])
                     del buf[: 8 + size]

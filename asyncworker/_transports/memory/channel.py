@@ -13,6 +13,7 @@ below: ``transport`` imports this module, never the other way round.
 
 from __future__ import annotations
 
+import logging
 import secrets
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, Final, NoReturn, Protocol
@@ -32,13 +33,15 @@ from ..base import (
     fresh,
 )
 from ..params import ConnectionParams
-from .model import Consumer, Exchange, Message, Queue, VHost, copy_properties, current_time, logger
+from .model import Consumer, Exchange, Message, Queue, VHost, copy_properties, current_time
 
 if TYPE_CHECKING:
     from ..base import Channel
     from .model import ConsumerChannel
 
 __all__ = ["MemoryChannel"]
+
+logger = logging.getLogger("asyncworker.memory")
 
 # The AMQP reply codes RabbitMQ answers with, as pamqp defines them.
 NO_ROUTE: Final[int] = pamqp.exceptions.AMQPNoRoute.value

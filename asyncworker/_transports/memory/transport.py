@@ -15,6 +15,7 @@ host the broker's TTL timer (``MemoryBroker._attach``).
 
 from __future__ import annotations
 
+import logging
 from collections import deque
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
@@ -28,12 +29,14 @@ from ..base import CloseOnce
 from ..params import ConnectionParams
 from .broker import MemoryBroker, get_broker
 from .channel import MemoryChannel
-from .model import Queue, VHost, logger
+from .model import Queue, VHost
 
 if TYPE_CHECKING:
     from ..base import Connection
 
 __all__ = ["MemoryConnection", "connect"]
+
+logger = logging.getLogger("asyncworker.memory")
 
 # How many callbacks the dispatcher runs before it lets other tasks run.
 _DISPATCH_BATCH: Final = 256
