@@ -118,7 +118,10 @@ class Consumer:
                     task_status.started()
                     started = True
                 if not connection.is_open:
-                    return  # the supervisor reconnects, then runs us again
+                    # The supervisor reconnects, then runs us again.  (mypy keeps
+                    # is_open narrowed to True from the loop's test across the
+                    # awaits, where the connection may well have closed.)
+                    return  # type: ignore[unreachable]
                 # A channel error on a live connection (406 PRECONDITION_FAILED
                 # from declare=True on a queue with other arguments, 403, ...):
                 # returning would leave the queue without a consumer until the
