@@ -821,14 +821,21 @@ async def test_a_channel_open_cancelled_before_open_ok_leaves_nothing_open() -> 
         cancelled_in_flight = 0
         for _ in range(20):
             opened: list[AMQPChannel] = []
+            entered: list[bool] = []
             async with trio.open_nursery() as nursery:
 
                 async def open_one() -> None:
+                    # channel() sends channel.open before its first wait: in
+                    # the same step as this append.
+                    entered.append(True)  # noqa: B023
                     opened.append(await conn.channel())  # noqa: B023
 
                 nursery.start_soon(open_one)
-                # channel.open is written; the broker's open-ok is a round trip away.
-                await trio.testing.wait_all_tasks_blocked()
+                # Cancel as soon as channel.open is written: the broker's open-ok
+                # is a round trip away.  (Waiting for every task to block let
+                # the open-ok win the race all 20 times in about one run in five.)
+                while not entered or conn.out:
+                    await trio.lowlevel.checkpoint()
                 nursery.cancel_scope.cancel()
             if opened:
                 await opened[0].close()  # open-ok won the race: try again
