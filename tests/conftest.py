@@ -1,9 +1,11 @@
-"""Test infrastructure: the anyio plugin on trio, and the real RabbitMQ.
+"""Test infrastructure: the anyio plugin on trio, the real RabbitMQ, the test cluster.
 
 Tests marked ``rabbitmq`` need a broker on 127.0.0.1:5672 (guest/guest).
-When none answers they are skipped on a developer's machine, and they FAIL
-when ``CI=true`` or ``ASYNCWORKER_REQUIRE_BROKER=1``: CI must never go green
-by skipping the tests that matter.
+Tests marked ``cluster`` need the 3-node cluster that ``.ci/cluster up``
+starts (127.0.0.1:5681-5683, see docs/development.md). When what a test needs
+does not answer, it is skipped on a developer's machine, and it FAILS when
+``CI=true`` or ``ASYNCWORKER_REQUIRE_BROKER=1``: CI must never go green by
+skipping the tests that matter.
 
 The report header names the ``asyncworker`` the suite imports.  CI runs the
 suite a second time against the installed wheel with
@@ -90,31 +92,53 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         )
 
 
-def _broker_answers() -> bool:
-    try:
-        with socket.create_connection((BROKER_HOST, BROKER_PORT), timeout=2):
-            return True
-    except OSError:
-        return False
-
-
 _BROKER_UP: bool | None = None
 
 
 def broker_up() -> bool:
     global _BROKER_UP
     if _BROKER_UP is None:
-        _BROKER_UP = _broker_answers()
+        _BROKER_UP = _answers(BROKER_HOST, BROKER_PORT)
     return _BROKER_UP
 
 
+#: The test cluster's script, and its nodes' AMQP ports (the script reads the same variable).
+CLUSTER_SCRIPT = Path(__file__).resolve().parent.parent / ".ci" / "cluster"
+CLUSTER_PORT = int(os.environ.get("ASYNCWORKER_CLUSTER_PORT", "5681"))
+CLUSTER_NODES = (1, 2, 3)
+CLUSTER_URLS = tuple(f"amqp://guest:guest@127.0.0.1:{CLUSTER_PORT + n - 1}/" for n in CLUSTER_NODES)
+
+_CLUSTER_UP: bool | None = None
+
+
+def cluster_up() -> bool:
+    """Whether every node of the test cluster answered when the session first asked."""
+    global _CLUSTER_UP
+    if _CLUSTER_UP is None:
+        _CLUSTER_UP = all(_answers("127.0.0.1", CLUSTER_PORT + n - 1) for n in CLUSTER_NODES)
+    return _CLUSTER_UP
+
+
+def _answers(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=2):
+            return True
+    except OSError:
+        return False
+
+
 def pytest_runtest_setup(item: pytest.Item) -> None:
-    if item.get_closest_marker("rabbitmq") is None or broker_up():
-        return
-    reason = f"no RabbitMQ answers on {BROKER_HOST}:{BROKER_PORT}"
+    if item.get_closest_marker("rabbitmq") is not None and not broker_up():
+        _missing(f"no RabbitMQ answers on {BROKER_HOST}:{BROKER_PORT}", "start one")
+    if item.get_closest_marker("cluster") is not None and not cluster_up():
+        ports = f"{CLUSTER_PORT}-{CLUSTER_PORT + len(CLUSTER_NODES) - 1}"
+        _missing(f"no RabbitMQ test cluster answers on 127.0.0.1:{ports}", "run .ci/cluster up")
+
+
+def _missing(reason: str, remedy: str) -> None:
     if REQUIRE_BROKER:
-        pytest.fail(f"{reason}, and CI=true / ASYNCWORKER_REQUIRE_BROKER=1 require one")
-    pytest.skip(f"{reason} (start one, or set CI=true to make this a failure)")
+        pytest.fail(f"{reason}, and CI=true / ASYNCWORKER_REQUIRE_BROKER=1 require it")
+    pytest.skip(f"{reason} ({remedy}, or set CI=true to make this a failure)")
 
 
 @pytest.fixture
@@ -146,6 +170,10 @@ class Broker:
         name = self.queue_name(prefix)
         await self.channel.queue_declare(name, durable=True, arguments=arguments or None)
         return name
+
+    async def declare_quorum(self, prefix: str = "qq", **arguments: Any) -> str:
+        """Declare a quorum queue (replicated on every node of a cluster)."""
+        return await self.declare(prefix, **{"x-queue-type": "quorum", **arguments})
 
     async def declare_dead_lettered(self, prefix: str = "q") -> tuple[str, str]:
         """A queue whose dead-letter exchange routes to ``<queue>.dlq``: ``(queue, dlq)``."""
@@ -209,13 +237,19 @@ async def open_broker(url: str = BROKER_URL, vhost: str | None = None) -> AsyncI
         finally:
             with trio.CancelScope(shield=True), trio.move_on_after(10):
                 cleanup = channel if channel.is_open else await connection.channel()
-                for name in broker.declared:
-                    for suffix in ("", ".dlq"):
-                        try:
-                            await cleanup.queue_delete(name + suffix)
-                        except Exception:
-                            if not cleanup.is_open:
-                                cleanup = await connection.channel()
+                await delete_queues(connection, cleanup, broker.declared)
+
+
+async def delete_queues(connection: Connection, channel: Channel, names: list[str]) -> None:
+    """Delete the queues ``names`` and their ``.dlq``; a channel that an error
+    closed (a queue already gone) is replaced."""
+    for name in names:
+        for suffix in ("", ".dlq"):
+            try:
+                await channel.queue_delete(name + suffix)
+            except Exception:
+                if not channel.is_open:
+                    channel = await connection.channel()
 
 
 @pytest.fixture
@@ -386,3 +420,139 @@ async def wait_for(predicate: Any, timeout: float = 10.0, interval: float = 0.01
             if result:
                 return
             await trio.sleep(interval)
+
+
+class Cluster:
+    """The test cluster that ``.ci/cluster`` runs: its nodes' URLs, faults to
+    inject into a node, and the queues a test declared on it.
+
+    Every fault has its undo (``stop``/``start``, ``kill``/``start``,
+    ``freeze``/``thaw``); the ``cluster`` fixture undoes whatever a test left
+    (``restore()``) and deletes its queues, whether the test passed or not.
+    """
+
+    def __init__(self) -> None:
+        self.urls = CLUSTER_URLS
+        self.queues: list[str] = []
+
+    def url(self, node: int) -> str:
+        """The AMQP URL of ``node`` (1, 2 or 3)."""
+        return self.urls[node - 1]
+
+    async def script(self, *args: str, timeout: float = 180) -> str:
+        """Run ``.ci/cluster ARGS``; return its output, raise if it fails."""
+        with trio.fail_after(timeout):
+            result = await trio.run_process(
+                ["bash", str(CLUSTER_SCRIPT), *args],
+                capture_stdout=True,
+                capture_stderr=True,
+                check=False,
+            )
+        if result.returncode != 0:
+            raise RuntimeError(
+                f".ci/cluster {' '.join(args)} failed ({result.returncode}): "
+                f"{result.stderr.decode().strip()}"
+            )
+        return result.stdout.decode()
+
+    async def ctl(self, node: int, *args: str) -> str:
+        """``rabbitmqctl ARGS`` on ``node``."""
+        return await self.script("ctl", str(node), *args)
+
+    async def stop(self, node: int) -> None:
+        """``stop_app``: the node closes its clients' connections and stops listening."""
+        await self.script("stop", str(node))
+
+    async def start(self, node: int) -> None:
+        """Start a stopped or killed node; return once its RabbitMQ runs."""
+        await self.script("start", str(node))
+
+    async def kill(self, node: int) -> None:
+        """SIGKILL the node's Erlang VM (a crash)."""
+        await self.script("kill", str(node))
+
+    async def freeze(self, node: int) -> None:
+        """SIGSTOP the node's VM: its sockets stay open, nothing answers."""
+        await self.script("freeze", str(node))
+
+    async def thaw(self, node: int) -> None:
+        """SIGCONT a frozen node."""
+        await self.script("thaw", str(node))
+
+    async def states(self) -> dict[int, str]:
+        """Each node's state: ``running``, ``stopped``, ``frozen`` or ``down``."""
+        lines = (await self.script("status")).splitlines()
+        return {n: line.split("\t")[2] for n, line in zip(CLUSTER_NODES, lines, strict=True)}
+
+    async def wait_healthy(self, timeout: float = 120) -> None:
+        """Return once every node runs and sees the others; fail after ``timeout``."""
+        await self.script("healthy", str(int(timeout)), timeout=timeout + 60)
+
+    async def restore(self) -> None:
+        """Bring every node back (thaw, start), then wait until the cluster is healthy."""
+        for node, state in (await self.states()).items():
+            if state == "frozen":
+                await self.thaw(node)
+        # Together: a node that saw the others running when it stopped waits,
+        # in start_app, until one of them is back (Mnesia loads its tables from
+        # the last node that stopped), so starting them one by one can hang.
+        async with trio.open_nursery() as nursery:
+            for node, state in (await self.states()).items():
+                if state in ("stopped", "down"):
+                    nursery.start_soon(self.start, node)
+        try:
+            await self.wait_healthy(timeout=60)
+        except RuntimeError:
+            # A node frozen past net_ticktime (60 s) comes back split from the
+            # others; pause_minority usually rejoins it, `heal` restarts it if not.
+            await self.script("heal", timeout=300)
+
+    def queue_name(self, prefix: str = "qq") -> str:
+        """A unique queue name, deleted from the cluster after the test."""
+        name = unique(prefix)
+        self.queues.append(name)
+        return name
+
+    @asynccontextmanager
+    async def broker(self, node: int = 1) -> AsyncIterator[Broker]:
+        """A confirm-mode channel on ``node``; what it declares, the fixture deletes.
+
+        Leave it before stopping or freezing that node: its connection dies
+        with the node.
+        """
+        async with connect(ConnectionParams.from_url(self.url(node))) as connection:
+            channel = await connection.channel()
+            await channel.confirm_select()
+            broker = Broker(connection, channel, self.url(node))
+            broker.declared = self.queues
+            yield broker
+
+    async def delete_queues(self) -> None:
+        """Delete every queue declared through this object (from any node that runs)."""
+        if not self.queues:
+            return
+        states = await self.states()
+        node = next((n for n, state in states.items() if state == "running"), None)
+        if node is None:
+            return
+        with trio.move_on_after(60):
+            async with connect(ConnectionParams.from_url(self.url(node))) as connection:
+                await delete_queues(connection, await connection.channel(), self.queues)
+        self.queues.clear()
+
+
+@pytest.fixture
+async def cluster() -> AsyncIterator[Cluster]:
+    """The test cluster, healthy; afterwards every node runs again and the test's queues are gone.
+
+    Use it with ``@pytest.mark.cluster`` (which skips or fails the test when no
+    cluster runs).
+    """
+    the_cluster = Cluster()
+    await the_cluster.wait_healthy()
+    try:
+        yield the_cluster
+    finally:
+        with trio.CancelScope(shield=True):
+            await the_cluster.restore()
+            await the_cluster.delete_queues()
