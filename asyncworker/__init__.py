@@ -13,6 +13,37 @@
     app.run()
 """
 
+# General layout
+# ==============
+#
+# The public API is re-exported here from private modules, each on one topic.
+# Every module sits in a layer and imports only from the layers below it (every
+# import counts: module level, TYPE_CHECKING, inside a function); lint-imports
+# checks it against [tool.importlinter] in pyproject.toml.  Top to bottom:
+#
+#   L7  __init__ (this file), __main__           the public face
+#   L6  testing, _cli > _demo                    test client, command line: they
+#                                                reconfigure an App through ONE
+#                                                seam, App.reconfigured()
+#   L5  _app > _config                           the App facade; its frozen config
+#   L4  _supervisor > _consumer > _dispatch      per-vhost connection supervision;
+#       _publisher, _lifecycle, _watchdog,       subscription; the hand-off (worker
+#       _http > _metrics                         pool | batch collector); publishing;
+#                                                hooks; what reads statistics()
+#   L3  middlewares > utils                      the plugins: they declare what they
+#                                                support, the core never imports them
+#   L2  _settlement > _chain > _message          the settlement policy, the chain,
+#                                                Message/Batch (Settleable)
+#   L1  _transports                              the seam, connect(), the AMQP client,
+#                                                the memory broker
+#   L0  _logging > _settings; _exceptions,       leaves
+#       _util, _statistics
+#
+# One arrow points up: App.test_client() imports testing lazily, as Flask's
+# app.test_client() does.  Lower layers get narrow values (a stop event, a
+# callback, a statistics callable), never the App.  docs/architecture.md says
+# what each module owns and where a new feature goes.
+
 from . import _util
 from ._app import App as App
 from ._chain import BulkCallNext as BulkCallNext
