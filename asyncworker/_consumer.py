@@ -3,10 +3,11 @@
 A ``Consumer`` opens its channel, sets ``basic.qos(prefetch_count)``,
 declares its queue if asked, registers ``basic.consume`` and, on shutdown,
 drains: ``basic.cancel``, requeue what has not started, wait for in-flight
-handlers, close the channel.  What happens to each delivery is its
-dispatcher's job (``_dispatch``: the parked worker pool, or the batch
-collector of a bulk route); the consumer reads the dispatcher's intake for
-its statistics and its drain.
+handlers, fence their settlements (one ``basic.get``: a quorum queue may
+otherwise drop acks sent right before a close), close the channel.  What
+happens to each delivery is its dispatcher's job (``_dispatch``: the parked
+worker pool, or the batch collector of a bulk route); the consumer reads the
+dispatcher's intake for its statistics and its drain.
 
 It is handed narrow values, never the App: a stop event, a callback for a
 broker-side cancellation, the route's name and options.
@@ -36,6 +37,8 @@ logger = logging.getLogger("asyncworker")
 
 #: Bounds of the delay between attempts to consume a queue that is missing.
 _MISSING_QUEUE_RETRY = (1.0, 30.0)
+#: How long the drain waits for its fence (``Consumer._fence``) before closing anyway.
+_FENCE_TIMEOUT = 10.0
 
 
 class Consumer:
@@ -63,6 +66,9 @@ class Consumer:
         self._consumer_tag: str | None = None
         self._problem: str | None = "not started"
         self._wake: trio.Event | None = None
+        # Deliveries counted when the current subscription began: a drain
+        # fences its settlements only if this channel received any.
+        self._received_before = 0
 
     @property
     def in_flight(self) -> int:
@@ -169,6 +175,7 @@ class Consumer:
             if self._declare:
                 await channel.queue_declare(self.queue, durable=True)
             self._wake = trio.Event()
+            self._received_before = self._intake.received
             self._consumer_tag = await channel.consume(
                 self.queue, self._dispatcher.delivery_callback(channel), self._on_cancel
             )
@@ -209,7 +216,8 @@ class Consumer:
     async def _stop_consuming(self, channel: Channel) -> None:
         """Graceful drain: cancel the consumer, requeue what has not started,
         wait for in-flight handlers (the App enforces the grace period by
-        cancelling the workers), then close the channel."""
+        cancelling the workers), fence their settlements (``_fence``), then
+        close the channel."""
         self._problem = "stopping"
         with trio.CancelScope(shield=True):
             tag = self._consumer_tag
@@ -225,12 +233,42 @@ class Consumer:
             # Deliveries that arrived but never started go back to the queue.
             self._intake.requeue_pending()
         await self._intake.wait_idle()
-        with trio.CancelScope(shield=True), trio.move_on_after(5):
-            try:
-                await channel.close()
-            except AsyncWorkerError as exc:
-                logger.debug("closing the channel of queue %r failed: %s", self.queue, exc)
+        with trio.CancelScope(shield=True):
+            if self._intake.received > self._received_before and channel.is_open:
+                with trio.move_on_after(_FENCE_TIMEOUT):
+                    await self._fence(channel)
+            with trio.move_on_after(5):
+                try:
+                    await channel.close()
+                except AsyncWorkerError as exc:
+                    logger.debug("closing the channel of queue %r failed: %s", self.queue, exc)
         self._problem = "stopped"
+
+    async def _fence(self, channel: Channel) -> None:
+        """Return once the queue has recorded every settlement sent on ``channel``.
+
+        A quorum queue turns each ack into a Raft command; once 32 are
+        unconfirmed, RabbitMQ holds the rest inside the channel, and a
+        ``channel.close`` right after the last ack throws the held ones away:
+        those messages come back and run twice (RabbitMQ issue #10327, open;
+        a burst of handlers finishing after the cancel is exactly the end of
+        a drain).  A ``basic.get`` on the same channel is a command of the
+        queue's log too, answered only once everything before it is recorded.
+        Measured, neither a ``basic.qos`` round trip (it proves the channel
+        read the acks, not that the queue recorded them) nor a pause is
+        enough under load; see docs/cluster.md.
+
+        A message the get returns is left unacknowledged: the close right
+        after returns it to the queue, marked redelivered (at most one per
+        drain).  Harmless on a classic queue, where one round trip is the
+        whole cost.
+        """
+        try:
+            await channel.get(self.queue, no_ack=False)
+        except AsyncWorkerError as exc:
+            # A deleted queue (404), a queue without a leader (541), a lost
+            # connection: nothing left to fence, or nothing can be done.
+            logger.debug("the drain's fence on queue %r failed: %s", self.queue, exc)
 
     def statistics(self) -> ConsumerStatistics:
         """A snapshot of this consumer's state and counters."""
