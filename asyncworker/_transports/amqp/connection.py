@@ -90,6 +90,10 @@ _SMALL_READ: Final = 16384
 #: How long leaving the connection waits for ``connection.close-ok``.
 _CLOSE_TIMEOUT: Final = 3.0
 
+#: What the client announces in start-ok.  ``authentication_failure_close``
+#: makes RabbitMQ refuse credentials with ``connection.close`` 403 instead of
+#: dropping the socket: the handshake tells bad credentials (final) from a
+#: lost connection (retried) by it.
 _CAPABILITIES: Final[dict[str, Any]] = {
     "publisher_confirms": True,
     "consumer_cancel_notify": True,
@@ -593,10 +597,16 @@ class AMQPConnection(CloseOnce):
         try:
             tune = await self._read_method()
         except (_EOF, trio.BrokenResourceError, OSError):
-            # Brokers without authentication_failure_close just drop the socket.
-            raise AuthenticationError(
-                f"cannot connect to {display}: the broker closed the connection during "
-                "authentication (wrong user or password?)"
+            # We announce authentication_failure_close, so a broker that
+            # refuses the credentials says so with connection.close 403
+            # (below).  A bare EOF here is the connection lost: a
+            # ConnectError, which reconnecting and publishing retry (an
+            # AuthenticationError is final).  Only a broker that ignores the
+            # capability drops the socket on bad credentials: the hint says so.
+            raise ConnectError(
+                f"cannot connect to {display}: the connection was lost during "
+                "authentication (if this repeats against a broker that does not support "
+                "authentication_failure_close, check the user and password)"
             ) from None
         if isinstance(tune, commands.Connection.Close):
             await self._send_close_ok()
