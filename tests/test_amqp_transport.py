@@ -271,6 +271,49 @@ async def test_mandatory_unroutable_raises() -> None:
             assert ch.is_open
 
 
+async def test_a_return_goes_to_the_publish_it_belongs_to() -> None:
+    """Two mandatory publishes alike but for their headers, to a headers exchange.
+
+    Only the first is routed.  Destination and body cannot tell them apart:
+    the return must reach the second publish (the one the ack after it names),
+    the first must be confirmed.  Many rounds: the old matching (oldest
+    unconfirmed publish with the same exchange, key and body) got it wrong in
+    most of them.
+    """
+    exchange, queue = qname("headers-x"), qname()
+    with trio.fail_after(30):
+        async with open_channel(queue) as (_, ch):
+            await ch.exchange_declare(exchange, "headers", durable=False, auto_delete=True)
+            await ch.queue_bind(queue, exchange, "", {"x-match": "all", "route": "yes"})
+            await ch.confirm_select()
+            rounds = 30
+            for _ in range(rounds):
+                outcome: dict[str, BaseException | None] = {}
+
+                async def publish(route: str, outcome: dict[str, BaseException | None]) -> None:
+                    try:
+                        await ch.publish(
+                            b"same body",
+                            exchange=exchange,
+                            routing_key="same key",
+                            # Persistent, to a durable queue: the routed one is
+                            # confirmed once on disk, after the other's return.
+                            properties=Properties(delivery_mode=2, headers={"route": route}),
+                            mandatory=True,
+                        )
+                        outcome[route] = None
+                    except Unroutable as exc:
+                        outcome[route] = exc
+
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(publish, "yes", outcome)
+                    await trio.testing.wait_all_tasks_blocked()  # "yes" goes out first
+                    nursery.start_soon(publish, "no", outcome)
+                assert outcome["yes"] is None
+                assert isinstance(outcome["no"], Unroutable)
+            assert await ch.queue_purge(queue) == rounds
+
+
 async def test_publish_to_missing_exchange_closes_channel() -> None:
     with trio.fail_after(10):
         async with open_channel() as (conn, ch):

@@ -160,15 +160,13 @@ class _Rpc:
 class _Confirm:
     """One published message waiting for its ``basic.ack``/``basic.nack``."""
 
-    __slots__ = ("body", "error", "event", "exchange", "mandatory", "routing_key")
+    __slots__ = ("error", "event", "exchange", "routing_key")
 
-    def __init__(self, exchange: str, routing_key: str, body: bytes, mandatory: bool) -> None:
+    def __init__(self, exchange: str, routing_key: str) -> None:
         self.event = trio.Event()
         self.error: BaseException | None = None
         self.exchange = exchange
         self.routing_key = routing_key
-        self.body = body
-        self.mandatory = mandatory
 
 
 # --------------------------------------------------------------------------
@@ -197,6 +195,9 @@ class AMQPChannel(CloseOnce):
         self._confirm = False
         self._next_seq = 1
         self._unconfirmed: dict[int, _Confirm] = {}
+        # A basic.return waiting for the ack that follows it (see _on_return):
+        # exchange, routing key, reply text, reply code.
+        self._returned: tuple[str, str, str, int] | None = None
         # Content being assembled: the method's fields, then the properties and
         # body parts as the header and body frames arrive.
         self._content: tuple[Any, ...] | None = None
@@ -223,6 +224,7 @@ class AMQPChannel(CloseOnce):
         """Fail every waiting request and unconfirmed publish; forget the consumers."""
         self._content = None
         self._body_parts = []
+        self._returned = None
         while self._rpcs:
             rpc = self._rpcs.popleft()
             rpc.error = reason
@@ -432,7 +434,7 @@ class AMQPChannel(CloseOnce):
             conn.push_many(frames)
             await trio.lowlevel.checkpoint()
             return
-        confirm = _Confirm(exchange, routing_key, body, mandatory)
+        confirm = _Confirm(exchange, routing_key)
         # Sequence numbers count publishes in wire order, and the frames are
         # queued synchronously right here, so the two cannot diverge.
         self._unconfirmed[self._next_seq] = confirm
@@ -647,7 +649,7 @@ class AMQPChannel(CloseOnce):
             )
         else:
             _, code, text, exchange, routing_key = content
-            self._on_return(code, text, exchange, routing_key, body)
+            self._on_return(code, text, exchange, routing_key)  # the body is not needed
 
     def deliver(self, content: tuple[Any, ...], body: bytes, props: Properties) -> None:
         consumer = self._consumers.get(content[1])
@@ -664,32 +666,39 @@ class AMQPChannel(CloseOnce):
                 "delivery callback of consumer %r on channel %d failed", content[1], self._id
             )
 
-    def _on_return(
-        self, reply_code: int, reply_text: str, exchange: str, routing_key: str, body: bytes
-    ) -> None:
-        # basic.return does not carry the publish sequence number: match the
-        # oldest unconfirmed mandatory publish with the same destination and body.
-        for confirm in self._unconfirmed.values():
-            if (
-                confirm.mandatory
-                and confirm.error is None
-                and confirm.routing_key == routing_key
-                and confirm.exchange == exchange
-                and confirm.body == body
-            ):
-                confirm.error = Unroutable(exchange, routing_key, reply_text, reply_code)
-                return
+    def _on_return(self, reply_code: int, reply_text: str, exchange: str, routing_key: str) -> None:
+        # basic.return carries no publish sequence number, and neither the
+        # destination nor the body tells two publishes apart (a headers
+        # exchange routes on the headers; bodies repeat).  RabbitMQ sends a
+        # message's return immediately before its basic.ack, on the same
+        # channel: the next confirm names the returned publish.
+        if self._confirm:
+            self._returned = (exchange, routing_key, reply_text, reply_code)
+        else:
+            self._log_return(exchange, routing_key, reply_text, reply_code)
+
+    def _log_return(self, exchange: str, routing_key: str, reply_text: str, code: int) -> None:
         log.warning(
             "channel %d: message to exchange %r with routing key %r was returned: %s (%d)",
             self._id,
             exchange,
             routing_key,
             reply_text,
-            reply_code,
+            code,
         )
 
     def on_confirm(self, delivery_tag: int, multiple: bool, nacked: bool) -> None:
         unconfirmed = self._unconfirmed
+        returned = self._returned
+        if returned is not None:
+            # The publish this confirm names is the one returned just before
+            # (with multiple=True, the highest of those it confirms).
+            self._returned = None
+            named = unconfirmed.get(delivery_tag)
+            if named is not None and named.error is None:
+                named.error = Unroutable(*returned)
+            else:
+                self._log_return(*returned)
         if multiple:
             done = [seq for seq in unconfirmed if seq <= delivery_tag]
         else:
