@@ -202,15 +202,25 @@ async def _connect(
             "MemoryBroker.add_vhost()"
         )
     await trio.lowlevel.checkpoint()
+    body_exc: BaseException | None = None
     async with trio.open_nursery() as nursery:
         connection = MemoryConnection(broker, vhost, params)
         nursery.start_soon(connection._run_dispatcher)  # noqa: SLF001 — this module's class
         broker._attach(connection, nursery)  # noqa: SLF001 — as broker._vhost above
         try:
             yield connection
+        except BaseException as exc:
+            # Re-raised outside the nursery, as the AMQP transport does: an
+            # error of the caller's code is not wrapped in an ExceptionGroup.
+            body_exc = exc
         finally:
             connection.mark_closed(ConnectionClosed("Normal shutdown", REPLY_SUCCESS))
             nursery.cancel_scope.cancel()
+    if body_exc is not None:
+        try:
+            raise body_exc
+        finally:
+            body_exc = None
 
 
 def connect(
