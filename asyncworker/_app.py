@@ -696,7 +696,7 @@ class App:
         headers: dict[str, Any] | None = None,
         properties: Properties | None = None,
         persistent: bool = True,
-        mandatory: bool = False,
+        mandatory: bool = True,
         timeout: float = 30.0,
     ) -> None:
         """Publish a message and wait for the broker's confirmation.
@@ -704,8 +704,9 @@ class App:
         ``body`` may be bytes (sent as is), str (UTF-8, ``text/plain``) or any
         JSON-serialisable object (``application/json``).  Returns once the
         broker confirmed the message; raises ``PublishNacked`` if it refused
-        it, ``Unroutable`` if ``mandatory`` and no queue was bound,
-        ``QueueNotFound`` if the exchange does not exist.  While the App is
+        it, ``Unroutable`` if no queue was bound to receive it (a mistyped
+        queue name: ``mandatory=False`` lets the broker drop such a message
+        instead), ``QueueNotFound`` if the exchange does not exist.  While the App is
         serving, a publish interrupted by a lost connection is retried on the
         next one, for up to ``timeout`` seconds; then ``PublishTimeout``.
         """

@@ -69,7 +69,7 @@ class AppHandle(Protocol):
         headers: dict[str, Any] | None = None,
         properties: Properties | None = None,
         persistent: bool = True,
-        mandatory: bool = False,
+        mandatory: bool = True,
         timeout: float = 30.0,
     ) -> None:
         """Publish a message and wait for the broker's confirmation (``App.publish``)."""

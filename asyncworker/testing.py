@@ -209,7 +209,8 @@ class TestClient:
         With the default ``exchange`` the first argument is the queue name;
         otherwise it is the routing key.  ``body`` may be bytes, str or a
         JSON-serialisable object.  Returns once the broker routed the message;
-        a handler may already be running it.
+        a handler may already be running it.  Raises ``Unroutable`` if no
+        queue receives it (a queue the App does not consume, not declared).
         """
         self._check_running()
         await self.app.publish(

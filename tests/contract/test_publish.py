@@ -51,9 +51,37 @@ async def test_publish_errors_are_clear_and_fast(backend: Backend) -> None:
             with trio.fail_after(5), pytest.raises(QueueNotFound, match="no-such-exchange"):
                 await app.publish(b"x", exchange="aw-no-such-exchange", routing_key="k")
             with trio.fail_after(5), pytest.raises(Unroutable, match="NO_ROUTE"):
-                await app.publish(b"x", routing_key=unique("nowhere"), mandatory=True)
+                await app.publish(b"x", routing_key=unique("nowhere"))
             # The publisher channel recovered from the 404.
-            await app.publish(b"after", routing_key=unique("nowhere"))
+            await app.publish(b"after", routing_key=queue)
+
+
+async def test_a_publish_nothing_routes_raises_unless_mandatory_is_turned_off(
+    backend: Backend,
+) -> None:
+    """``mandatory=True`` is the default: a mistyped queue is an error, not a dropped message."""
+    broker = backend.broker
+    queue, idle = await broker.declare("mandatory"), await broker.declare("idle")
+    app = App(url=backend.url)
+
+    @app.route([idle])
+    async def handler(message: Message) -> None:
+        pass
+
+    async def check() -> None:
+        with pytest.raises(Unroutable) as info:
+            await app.publish(b"typo", routing_key=queue + "-typo")
+        assert info.value.reply_code == 312
+        assert "mandatory=False" in str(info.value)  # the error names the opt-out
+        # The explicit opt-out: confirmed, and dropped by the broker.
+        await app.publish(b"dropped", routing_key=queue + "-typo", mandatory=False)
+        await app.publish(b"kept", routing_key=queue)
+
+    with trio.fail_after(20):
+        await check()  # not serving: a connection of its own
+        async with serving(app):
+            await check()
+    assert await broker.drain(queue) == [b"kept", b"kept"]
 
 
 async def test_bad_input_never_kills_the_worker_nor_loses_a_message(backend: Backend) -> None:
