@@ -427,7 +427,8 @@ async def test_heartbeats_keep_an_idle_connection_alive() -> None:
 
 async def test_missed_heartbeats_close_the_connection() -> None:
     """A proxy that stops forwarding the broker's bytes: the client must give
-    up after two heartbeat intervals, and leaving the context must not hang."""
+    up after 1.5 heartbeat intervals of silence, and leaving the context must
+    not hang."""
     stall = trio.Event()
 
     async def pump(src: trio.SocketStream, dst: trio.SocketStream, stallable: bool) -> None:
@@ -461,10 +462,10 @@ async def test_missed_heartbeats_close_the_connection() -> None:
                 stall.set()
                 start = trio.current_time()
                 await conn.wait_closed()
-                assert 1.0 < trio.current_time() - start < 5
+                assert trio.current_time() - start < 5
                 reason = conn.close_reason
                 assert isinstance(reason, ConnectionClosed)
-                assert "missed heartbeats" in str(reason)
+                assert "nothing received from the broker for 1.5 s" in str(reason)
                 assert isinstance(ch.close_reason, ConnectionClosed)
             nursery.cancel_scope.cancel()
         for listener in listeners:

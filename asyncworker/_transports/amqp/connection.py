@@ -14,7 +14,9 @@ pamqp's codec.  One connection runs three background tasks:
   marshalled frames to ``out`` and wake the writer, so an ``ack`` costs a
   ``struct.pack`` and a list append, and a burst of acks becomes one write.
 * the **heartbeater** (only if a heartbeat was negotiated) sends heartbeats
-  when the connection is idle and declares it dead when the broker is silent.
+  when the connection is idle and declares it dead when the broker has been
+  silent for 1.5 intervals, unless bytes wait unread in the socket: then
+  this process was blocked, not the broker.
 
 Background tasks never raise: a failure is recorded as the connection's
 ``close_reason``, every channel is marked closed with it, and everything that
@@ -32,6 +34,7 @@ import dataclasses
 import logging
 import os
 import platform
+import select
 from collections.abc import AsyncIterator
 from contextlib import AbstractAsyncContextManager, asynccontextmanager, suppress
 from typing import TYPE_CHECKING, Any, Final
@@ -134,6 +137,12 @@ class AMQPConnection(CloseOnce):
         # scheduler pass to every successful call, which at moderate message
         # rates is a large part of the cost of a message.  TLS uses the stream.
         self.fd = stream.socket.fileno() if isinstance(stream, trio.SocketStream) else -1
+        # The socket under TLS too: the heartbeater looks for unread bytes in it.
+        self._socket_fd = self.fd
+        if isinstance(stream, trio.SSLStream) and isinstance(
+            stream.transport_stream, trio.SocketStream
+        ):
+            self._socket_fd = stream.transport_stream.socket.fileno()
         self._reads_in_a_row = 0
         self._read_was_small = False
         self._frame_max = params.frame_max
@@ -362,16 +371,27 @@ class AMQPConnection(CloseOnce):
     # -- heartbeats
 
     async def _heartbeater(self) -> None:
+        # RabbitMQ looks every half interval whether it sent anything since it
+        # last looked, and sends a heartbeat if not: a healthy broker is silent
+        # for up to one interval.  Half an interval more is the margin for a
+        # busy broker (the old rule, two intervals, noticed a hung node late).
         interval = self._heartbeat / 2
-        dead_after = self._heartbeat * 2
+        dead_after = self._heartbeat * 1.5
         try:
             while self._reason is None:
                 now = trio.current_time()
                 if now - self._last_recv > dead_after:
+                    if _readable(self._socket_fd):
+                        # Bytes wait in the socket, unread: the broker spoke and
+                        # this process did not listen (a handler blocked the event
+                        # loop longer than the interval).  The reader reads them
+                        # as soon as it runs; count from now.
+                        self._last_recv = now
+                        continue
                     self._fail(
                         ConnectionClosed(
                             f"missed heartbeats: nothing received from the broker for "
-                            f"{dead_after} s"
+                            f"{dead_after:g} s (heartbeat {self._heartbeat} s)"
                         )
                     )
                     return
@@ -681,6 +701,20 @@ class AMQPConnection(CloseOnce):
             # Release the socket as soon as the connection is dead, not only
             # when the caller leaves the context.
             await trio.aclose_forcefully(self._stream)
+
+
+def _readable(fd: int) -> bool:
+    """Whether bytes (or the end of the stream) wait unread on socket ``fd``; never reads."""
+    if fd < 0:
+        return False
+    try:
+        if hasattr(select, "poll"):  # not on Windows; select() is limited to FD_SETSIZE
+            poller = select.poll()
+            poller.register(fd, select.POLLIN)
+            return bool(poller.poll(0))
+        return bool(select.select([fd], [], [], 0)[0])
+    except (OSError, ValueError):  # closed under us: the reader reports why
+        return False
 
 
 def _negotiate(ours: int, theirs: int) -> int:
