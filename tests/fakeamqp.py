@@ -16,7 +16,8 @@ the client's event loop is doing::
         ...  # connect to server.port
 
 ``Peer`` reads and writes whole frames with pamqp's codec (``read_frame``,
-``read_method``, ``send_method``, ``send``).  ``Peer.connect(host, port)``
+``read_method``, ``send_method``, ``send``) and answers a whole handshake
+(``open_connection``).  ``Peer.connect(host, port)``
 opens a connection to a real broker as a ``Peer`` too, and ``splice`` joins
 two peers: a script can relay the first frames of a connection between the
 client and a real broker, tamper with them or cut there, and let the broker
@@ -115,6 +116,19 @@ class Peer:
             if not isinstance(value, PamqpMethod):
                 raise AssertionError(f"expected a method frame, got {value!r}")
             return value
+
+    def open_connection(self, *, heartbeat: int = 0) -> None:
+        """Answer the client's handshake as a broker does, proposing ``heartbeat``
+        seconds; return once ``connection.open-ok`` is sent."""
+        self.read_protocol_header()
+        self.send_method(0, connection_start())
+        self.read_method()  # connection.start-ok
+        self.send_method(
+            0, commands.Connection.Tune(channel_max=2047, frame_max=131072, heartbeat=heartbeat)
+        )
+        self.read_method()  # connection.tune-ok
+        self.read_method()  # connection.open
+        self.send_method(0, commands.Connection.OpenOk())
 
     # -- writing
 
