@@ -25,7 +25,8 @@
 #   L6  testing, _cli > _demo                    test client, command line: they
 #                                                reconfigure an App through ONE
 #                                                seam, App.reconfigured()
-#   L5  _app > _config                           the App facade; its frozen config
+#   L5  _app > _run > _config                    the App facade; App.run() in a
+#                                                process; its frozen config
 #   L4  _supervisor > _consumer > _dispatch      per-vhost connection supervision;
 #       _publisher, _lifecycle, _watchdog,       subscription; the hand-off (worker
 #       _http > _metrics                         pool | batch collector); publishing;

@@ -28,9 +28,7 @@ import datetime
 import functools
 import inspect
 import logging
-import signal
 import ssl as _ssl
-import sys
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import replace
@@ -40,22 +38,23 @@ import trio
 
 from ._chain import _IN_WORKER, BulkMiddleware, Middleware
 from ._config import (
+    KEYWORD_ALIASES,
     AnyMiddleware,
     AppConfig,
     Connector,
     Route,
-    check_keywords,
+    check_queue_clash,
     check_route,
 )
 from ._consumer import Consumer, consumers_for
 from ._exceptions import AsyncWorkerError
-from ._lifecycle import Lifecycle, grace_timer
-from ._logging import configure_logging
+from ._lifecycle import Lifecycle, ShutdownReport, grace_timer, serving_line
 from ._publisher import Publisher, encode_body
+from ._run import run_until_signal, skipped_under_cli
 from ._statistics import AppStatistics
 from ._supervisor import Backoff, ConnectionEvent, Supervisor, report_event
-from ._transports import Properties, redact_url
-from ._util import only_leaf
+from ._transports import Properties
+from ._util import check_keywords, only_leaf, suggest_call_keywords
 from ._watchdog import watch_loop
 
 if TYPE_CHECKING:
@@ -113,8 +112,10 @@ class App:
         app.run()
 
     Connection: either ``host``/``port``/``user``/``password`` or ``url``
-    (``amqp://user:pass@host:port/vhost``, ``amqps://...`` or ``memory://``);
-    the vhost of each route overrides the URL's.  One connection is opened per
+    (``amqp://user:pass@host:port/vhost?heartbeat=30``, ``amqps://...`` or
+    ``memory://``).  A route without ``vhost=`` consumes the vhost of the
+    App's URL, however the URL was given (here, ``--url`` or
+    ``ASYNCWORKER_URL``); a route with ``vhost=`` keeps its own.  One connection is opened per
     vhost (and one more for publishing, on the first ``publish``), and each
     queue gets its own channel with
     ``basic.qos(prefetch_count)``: at most ``prefetch_count`` handlers of one
@@ -128,9 +129,13 @@ class App:
 
     Args:
         host, port, user, password, heartbeat, ssl: where and how to connect;
-            ``ssl`` is an ``ssl.SSLContext`` or True for the default context.
-        url: alternative to host/port/user/password.  When none of url, host,
-            port, user and password is given, ``ASYNCWORKER_URL`` is used.
+            ``ssl`` is an ``ssl.SSLContext`` or True for the default context
+            (with ``url=``, the URL must then be ``amqps://``); ``heartbeat``
+            defaults to 60 seconds (or the URL's ``?heartbeat=``).
+        url: alternative to host/port/user/password, with the query options
+            of docs/reference.md (``?heartbeat=``, ``?connection_timeout=``,
+            ...).  When none of url, host, port, user and password is given,
+            ``ASYNCWORKER_URL`` is used.
         prefetch_count: messages delivered and not yet settled, per queue
             (default ``ASYNCWORKER_PREFETCH``, else 128).
         middlewares: App-wide middlewares, outermost first.
@@ -142,7 +147,8 @@ class App:
         reconnect: the ``Backoff`` between reconnection attempts.
         on_connection_event: a callback (sync or async) receiving a
             ``ConnectionEvent`` for each connection failure and recovery.
-        connect_timeout: seconds to open a connection.
+        connect_timeout: seconds to open a connection (default 10, or the
+            URL's ``?connection_timeout=`` in milliseconds).
         name: the connection name the broker shows (management UI,
             ``rabbitmqctl list_connections client_properties``).
         loop_block_threshold: when the event loop was blocked this many
@@ -159,7 +165,13 @@ class App:
         # right one; this does.  Hidden from type checkers, which see (and
         # check calls against) the real signature of __init__.
         def __new__(cls, *args: Any, **kwargs: Any) -> App:
-            check_keywords(kwargs, _init_parameters(), "App()")
+            if "vhost" in kwargs:
+                raise TypeError(
+                    "App() got an unexpected keyword argument 'vhost': write the vhost in the "
+                    "URL (url='amqp://user:password@host:5672/vhost'), or give each route "
+                    "its own (@app.route([...], vhost='...'))"
+                )
+            check_keywords(kwargs, _init_parameters(), "App()", KEYWORD_ALIASES)
             return super().__new__(cls)
 
     def __init__(
@@ -170,7 +182,7 @@ class App:
         prefetch_count: int | None = None,
         *,
         port: int | None = None,
-        heartbeat: int = 60,
+        heartbeat: int | None = None,
         ssl: _ssl.SSLContext | bool | None = None,
         url: str | None = None,
         middlewares: Sequence[Middleware] = (),
@@ -178,7 +190,7 @@ class App:
         grace_period: float | None = None,
         reconnect: Backoff | None = None,
         on_connection_event: Callable[[ConnectionEvent], Any] | None = None,
-        connect_timeout: float = 10.0,
+        connect_timeout: float | None = None,
         name: str = "asyncworker",
         loop_block_threshold: float | None = 1.0,
         http: str | None = None,
@@ -219,6 +231,8 @@ class App:
         # and the runs of periodic tasks.
         self._worker_scopes: set[trio.CancelScope] = set()
         self._startup_scope: trio.CancelScope | None = None
+        # Handlers cancelled on shutdown since the App started, and the stopped line.
+        self._shutdown_report = ShutdownReport()
         #: A dict for application state shared by handlers (database pools, clients, ...).
         self.state: dict[str, Any] = {}
 
@@ -260,8 +274,13 @@ class App:
 
     @property
     def routes(self) -> tuple[Route, ...]:
-        """The registered routes, in registration order."""
-        return tuple(self._routes)
+        """The registered routes, in registration order, each with the vhost it consumes now.
+
+        A route registered without ``vhost=`` shows the vhost of the App's
+        current URL (``reconfigured()`` moves it).
+        """
+        default = self._config.params.vhost
+        return tuple(route.on_vhost(default) for route in self._routes)
 
     @contextmanager
     def reconfigured(
@@ -295,7 +314,7 @@ class App:
             try:
                 config = config.with_url(url)
             except ValueError as exc:
-                raise ValueError(f"invalid broker URL {redact_url(url)!r}: {exc}") from None
+                raise ValueError(f"invalid broker URL: {exc}") from None
         if http is not None:
             config = config.with_http(http)
         if connector is not None:
@@ -338,6 +357,7 @@ class App:
         bulk_flush_interval: float = 1.0,
     ) -> Callable[[H], H]: ...
 
+    @suggest_call_keywords
     def route(
         self,
         queues: Iterable[str] | str,
@@ -358,7 +378,8 @@ class App:
 
         Args:
             queues: the queue names (a single name is accepted too).
-            vhost: their vhost; defaults to the App's (``"/"``, or the URL's).
+            vhost: their vhost; without it, the vhost of the App's URL as it
+                is when the App serves (``/`` when the URL names none).
             middlewares: this route's middlewares, inside the App's.
             settlement: this route's settlement policy, instead of the App's.
             declare: declare the queues (durable) if they do not exist.
@@ -371,7 +392,7 @@ class App:
             raise RuntimeError("routes must be registered before serve()/run() starts")
         make_route = check_route(
             queues,
-            vhost=self.vhost if vhost is None else vhost,
+            vhost=vhost,
             middlewares=middlewares,
             settlement=settlement,
             declare=declare,
@@ -412,6 +433,7 @@ class App:
         self._lifecycle.add_shutdown_hook(hook)
         return hook
 
+    @suggest_call_keywords
     def run_every(
         self,
         interval: float | datetime.timedelta,
@@ -452,45 +474,16 @@ class App:
 
         A second signal skips the grace period.  If the broker cannot be
         reached at startup, logs one line saying why and exits with status 1.
+        While ``asyncworker run`` imports the module, it only warns and returns:
+        the command runs the App itself.
         """
-        # Text (or JSON) log lines on stderr, at ASYNCWORKER_LOG_LEVEL/_FORMAT.
-        configure_logging()
-        try:
-            trio.run(self._run_until_signal)
-        except BaseException as exc:
-            leaf = only_leaf(exc)
-            if isinstance(leaf, (AsyncWorkerError, RuntimeError)):
-                logger.error("asyncworker cannot start: %s", leaf)
-                sys.exit(1)
-            raise
-
-    async def _run_until_signal(self) -> None:
-        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-            async with trio.open_nursery() as nursery:
-
-                async def on_signals() -> None:
-                    count = 0
-                    async for signum in signals:
-                        count += 1
-                        name = signal.Signals(signum).name
-                        if count == 1:
-                            logger.info(
-                                "%s received: draining (grace %.0f s)", name, self.grace_period
-                            )
-                            # Not shutdown(): that ignores a signal received
-                            # before serve() began, and startup may hang.
-                            self._request_stop()
-                        else:
-                            logger.warning("%s received again: cancelling in-flight handlers", name)
-                            self.grace_period = 0
-                            self._force_stop()
-
-                # Listening before serve() starts: a signal during startup
-                # (a slow connection, a hanging startup hook) stops it too.
-                nursery.start_soon(on_signals)
-                await nursery.start(self.serve)
-                await self._stopped.wait()
-                nursery.cancel_scope.cancel()
+        if not skipped_under_cli():
+            run_until_signal(
+                self.serve,
+                request_stop=self._request_stop,
+                force_stop=self._force_stop,
+                grace_period=lambda: self.grace_period,
+            )
 
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Consume every route's queues until ``shutdown()``.
@@ -504,13 +497,26 @@ class App:
         """
         if self._serving:
             raise RuntimeError("this App is already serving")
-        if not self._routes:
-            raise RuntimeError("this App has no routes: add one with @app.route([...])")
+        config = self._config
+        lifecycle = self._lifecycle
+        if not (
+            self._routes
+            or lifecycle.periodic
+            or lifecycle.startup_hooks
+            or lifecycle.shutdown_hooks
+            or config.http
+        ):
+            raise RuntimeError(
+                "this App has nothing to serve: add a route (@app.route([...])), a periodic "
+                "task (@app.run_every(...)) or a lifecycle hook (@app.on_startup)"
+            )
+        # A route without vhost= consumes the vhost of the URL the App has now.
+        routes = self.routes
+        check_queue_clash(routes)
         self._serving = True
         # _stop_event is fresh (see the finally clause): a signal received by
         # run() before this point still stops this serve().
         self._stopped = trio.Event()
-        config = self._config
         self._publisher.open()
         try:
             if config.http is not None and self._metrics is None:
@@ -530,7 +536,7 @@ class App:
                 task_status.started()
                 return
             by_vhost: dict[str, list[Consumer]] = {}
-            for route in self._routes:
+            for route in routes:
                 by_vhost.setdefault(route.vhost, []).extend(self._consumers_of(route, config))
             self._consumers = [c for consumers in by_vhost.values() for c in consumers]
             async with trio.open_nursery() as nursery:
@@ -575,15 +581,18 @@ class App:
                             )
                         )
                     self._started = True
+                    served = {vhost: [c.queue for c in cs] for vhost, cs in by_vhost.items()}
                     logger.info(
-                        "serving %d queue(s) in vhost(s) %s on %s",
-                        sum(len(c) for c in by_vhost.values()),
-                        ", ".join(repr(vhost) for vhost in by_vhost),
-                        config.params.url(),
+                        "%s",
+                        serving_line(served, len(lifecycle.periodic), config.params.address),
                     )
                     task_status.started()
+                    # It also keeps serve() open when nothing else would.
                     supervisors.start_soon(
-                        self._lifecycle.run_periodic, self._stop_event, self._worker_scopes
+                        self._shutdown_report.watch, self._stop_event, self.statistics
+                    )
+                    supervisors.start_soon(
+                        lifecycle.run_periodic, self._stop_event, self._worker_scopes
                     )
                 # Every vhost has drained: close the publishing connections
                 # left (to vhosts the App only publishes to); a publish from
@@ -600,7 +609,9 @@ class App:
                 raise leaf from None
             raise
         finally:
-            await self._lifecycle.shutdown(max(self.grace_period, 5.0))
+            await lifecycle.shutdown(max(self.grace_period, 5.0))
+            if self._started:
+                self._shutdown_report.log_stopped()
             self._startup_scope = None
             self._nursery = None
             self._http_url = None
@@ -648,6 +659,7 @@ class App:
             self._startup_scope.cancel()
 
     def _force_stop(self) -> None:
+        self.grace_period = 0
         self._request_stop()
         self._cancel_handlers()
 
@@ -681,6 +693,7 @@ class App:
         report_event(self._config.on_connection_event, event, self._nursery)
 
     def _cancel_handlers(self) -> None:
+        self._shutdown_report.cancelling(sum(consumer.in_flight for consumer in self._consumers))
         for scope in self._worker_scopes:
             scope.cancel()
 
@@ -770,6 +783,7 @@ class App:
             consumers=tuple(consumer.statistics() for consumer in self._consumers),
             publishes_confirmed=dict(self._publisher.confirmed),
             publishes_failed=dict(self._publisher.failed),
+            handlers_cancelled=self._shutdown_report.cancelled,
         )
 
 

@@ -184,8 +184,13 @@ def load_app(target: str) -> App:
     cwd = os.getcwd()
     if cwd not in sys.path:
         sys.path.insert(0, cwd)
+    from ._run import importing_for_cli
+
     try:
-        module = importlib.import_module(module_name)
+        # A module-level app.run() is skipped meanwhile (with a warning): the
+        # command runs the App itself, once.
+        with importing_for_cli(module_name):
+            module = importlib.import_module(module_name)
     except ImportError as exc:
         raise UsageError(f"cannot import module {module_name!r}: {exc}") from None
     except SyntaxError as exc:
@@ -299,8 +304,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if args.workers == 1:
         http = worker_http(args.http) if args.http is not None else None
         with reconfigure(app, url, http):
-            app.run()
-        return 0
+            return run_app(app)
     # The URL is checked here too, so that a bad one is one line, once.
     with reconfigure(app, url, None):
         display_url = app.url
@@ -321,7 +325,18 @@ def _worker_main(target: str, url: str | None, cwd: str, http: str | None, numbe
         print(f"asyncworker: {exc}", file=sys.stderr)
         sys.exit(2)
     with stack:
-        app.run()
+        sys.exit(run_app(app))
+
+
+#: The exit status of a run whose drain had to cancel handlers (docs/cli.md).
+EXIT_CANCELLED = 3
+
+
+def run_app(app: App) -> int:
+    """``app.run()``; the exit status: 0, or 3 if the shutdown cancelled handlers."""
+    before = app.statistics().handlers_cancelled
+    app.run()
+    return EXIT_CANCELLED if app.statistics().handlers_cancelled > before else 0
 
 
 def _run_workers(

@@ -18,11 +18,10 @@ Route options are checked here too (``check_route``), so that every
 
 from __future__ import annotations
 
-import difflib
 import importlib.util
 import math
 import ssl as _ssl
-from collections.abc import Awaitable, Callable, Collection, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, replace
 from typing import Any, TypeAlias
@@ -33,15 +32,19 @@ from . import _settings
 from ._settlement import AckRequeue
 from ._supervisor import Backoff, ConnectionEvent
 from ._transports import Connection, ConnectionParams, connect, redact_url
-from ._util import is_async_callable
+from ._transports.params import DEFAULT_CONNECT_TIMEOUT, DEFAULT_HEARTBEAT, parse_url
+from ._util import check_keywords, install_hint, is_async_callable
 
 __all__ = [
     "AnyMiddleware",
     "AppConfig",
     "Connector",
     "Route",
+    "KEYWORD_ALIASES",
     "check_keywords",
+    "check_queue_clash",
     "check_route",
+    "check_settlement",
     "require_http_extra",
 ]
 
@@ -89,7 +92,7 @@ class AppConfig:
         password: str | None,
         prefetch_count: int | None,
         port: int | None,
-        heartbeat: int,
+        heartbeat: int | None,
         ssl: _ssl.SSLContext | bool | None,
         url: str | None,
         middlewares: Sequence[AnyMiddleware],
@@ -97,7 +100,7 @@ class AppConfig:
         grace_period: float | None,
         reconnect: Backoff | None,
         on_connection_event: Callable[[ConnectionEvent], Any] | None,
-        connect_timeout: float,
+        connect_timeout: float | None,
         name: str,
         loop_block_threshold: float | None,
         http: str | None,
@@ -116,8 +119,10 @@ class AppConfig:
                 f"prefetch_count must be between 1 and 65535, got {prefetch_count}: it is how "
                 "many messages of one queue may be delivered and not yet settled"
             )
-        if heartbeat < 0:
+        if heartbeat is not None and (isinstance(heartbeat, bool) or heartbeat < 0):
             raise ValueError(f"heartbeat must be >= 0 seconds (0 disables it), got {heartbeat}")
+        if connect_timeout is not None and not connect_timeout > 0:
+            raise ValueError(f"connect_timeout must be > 0 seconds, got {connect_timeout}")
         if not grace_period >= 0:
             raise ValueError(f"grace_period must be >= 0 seconds, got {grace_period}")
         if reconnect is not None and not isinstance(reconnect, Backoff):
@@ -130,20 +135,13 @@ class AppConfig:
         if http is not None:
             require_http_extra()
         ssl_context = _ssl.create_default_context() if ssl is True else (ssl or None)
-        common: dict[str, Any] = {
-            "heartbeat": heartbeat,
-            "connect_timeout": connect_timeout,
-            "client_name": name,
-        }
-        if ssl_context is not None:
-            common["ssl"] = ssl_context
         if url is not None:
             if host is not None or user is not None or password is not None or port is not None:
                 raise ValueError(
                     "give either url= or host=/port=/user=/password=, not both "
                     f"(url={redact_url(url)!r})"
                 )
-            params = ConnectionParams.from_url(url, **common)
+            params = _params_of_url(url, heartbeat, connect_timeout, ssl_context, name)
         else:
             params = ConnectionParams(
                 scheme="amqps" if ssl_context is not None else "amqp",
@@ -151,7 +149,12 @@ class AppConfig:
                 port=port or (_AMQPS_PORT if ssl_context is not None else amqp.DEFAULT_PORT),
                 user=user if user is not None else amqp.DEFAULT_USER,
                 password=password if password is not None else amqp.DEFAULT_PASS,
-                **common,
+                heartbeat=DEFAULT_HEARTBEAT if heartbeat is None else heartbeat,
+                connect_timeout=(
+                    DEFAULT_CONNECT_TIMEOUT if connect_timeout is None else connect_timeout
+                ),
+                client_name=name,
+                ssl=ssl_context,
             )
         return cls(
             params=params,
@@ -166,22 +169,37 @@ class AppConfig:
         )
 
     def with_url(self, url: str) -> AppConfig:
-        """This configuration on another broker URL.
+        """This configuration on another broker URL (``--url``, ``ASYNCWORKER_URL``).
 
-        The heartbeat, the timeouts, the connection name and (for an
-        ``amqps://`` URL) the TLS context are kept.  Raises ``ValueError`` for
-        a URL that cannot be parsed (the message never shows its password).
+        What the URL's query options say (``?heartbeat=5``) wins; the rest of
+        the heartbeat, timeouts, frame and channel limits and the connection
+        name are kept.  TLS: an ``amqps://`` URL keeps the App's TLS context
+        (``ssl=``), else it gets its TLS options' context or the default
+        verifying one; an ``amqp://`` URL for an App that connects with TLS
+        is refused, since the credentials would cross the network in clear.
+        Raises ``ValueError`` for a URL that cannot be parsed (the message
+        never shows its password).
         """
         old = self.params
-        params = ConnectionParams.from_url(
-            url,
-            heartbeat=old.heartbeat,
-            connect_timeout=old.connect_timeout,
-            client_name=old.client_name,
-        )
-        if params.scheme == "amqps" and old.ssl is not None:
-            params = replace(params, ssl=old.ssl)
-        return replace(self, params=params)
+        given = parse_url(url)
+        scheme = given["scheme"]
+        if scheme == "amqp" and old.ssl is not None and old.scheme != "memory":
+            raise ValueError(
+                f"{redact_url(url)!r} is plain amqp://, and this App connects with TLS "
+                f"({old.scheme}://, ssl=...): the password would cross the network "
+                "unencrypted. Use amqps:// (TLS port 5671 by default), or remove ssl= "
+                "from App(...) to connect without TLS"
+            )
+        kept: dict[str, Any] = {
+            "heartbeat": old.heartbeat,
+            "connect_timeout": old.connect_timeout,
+            "frame_max": old.frame_max,
+            "channel_max": old.channel_max,
+            "client_name": old.client_name,
+        }
+        if scheme == "amqps" and old.ssl is not None:
+            kept["ssl"] = old.ssl
+        return replace(self, params=ConnectionParams.from_url(url, defaults=kept))
 
     def with_http(self, address: str | None) -> AppConfig:
         """This configuration serving health and metrics on ``address`` (None: no server)."""
@@ -208,7 +226,8 @@ class Route:
     handler: Callable[..., Awaitable[Any]]
     #: The queues it consumes.
     queues: tuple[str, ...]
-    #: Their vhost.
+    #: Their vhost: the route's ``vhost=``, else the vhost of the App's URL
+    #: (as it is when the App serves: ``--url`` and ``ASYNCWORKER_URL`` move it).
     vhost: str
     #: The route's own middlewares (inside the App's), outermost first.
     middlewares: tuple[AnyMiddleware, ...]
@@ -222,15 +241,35 @@ class Route:
     bulk_size: int | None = None
     #: On a bulk route, seconds a partial batch waits for more messages.
     bulk_flush_interval: float = 1.0
+    #: Whether ``vhost=`` was given; if not, the route follows the App's URL.
+    explicit_vhost: bool = True
+
+    def on_vhost(self, default: str) -> Route:
+        """This route as it serves when the App's URL has vhost ``default``."""
+        if self.explicit_vhost or self.vhost == default:
+            return self
+        return replace(self, vhost=default)
 
 
-def check_keywords(given: Iterable[str], allowed: Collection[str], what: str) -> None:
-    """Raise ``TypeError`` for the first of ``given`` not in ``allowed``, with a "did you mean"."""
-    for name in given:
-        if name not in allowed:
-            close = difflib.get_close_matches(name, allowed, n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else ""
-            raise TypeError(f"{what} got an unexpected keyword argument {name!r}{hint}")
+#: Keywords people write from habit (other libraries, the AMQP spec), and the right one.
+KEYWORD_ALIASES = {
+    "hostname": "host",
+    "username": "user",
+    "login": "user",
+    "passwd": "password",
+    "prefetch": "prefetch_count",
+    "qos": "prefetch_count",
+    "uri": "url",
+    "heartbeat_interval": "heartbeat",
+    "timeout": "connect_timeout",
+    "connection_timeout": "connect_timeout",
+    "virtual_host": "vhost",
+    "virtualhost": "vhost",
+    "queue": "queues",
+    "bulk": "bulk_size",
+    "max_retries": "max_attempts",
+    "retries": "max_attempts",
+}
 
 
 def check_middlewares(middlewares: object, where: str) -> tuple[AnyMiddleware, ...]:
@@ -259,14 +298,44 @@ def check_middlewares(middlewares: object, where: str) -> tuple[AnyMiddleware, .
     return result
 
 
-def check_settlement(settlement: AnyMiddleware | None, where: str) -> AnyMiddleware:
-    """The settlement policy (``AckRequeue()`` for None), or a ``TypeError``."""
+def check_settlement(settlement: object, where: str) -> AnyMiddleware:
+    """The settlement policy (``AckRequeue()`` for None), or a ``TypeError`` saying what to pass.
+
+    Only an object that declares itself a settlement policy
+    (``is_settlement_policy = True``, as ``AckRequeue`` does) settles every
+    message: anything else here would leave successful messages unacked and
+    stall the consumer once ``prefetch_count`` of them are held.
+    """
     if settlement is None:
         return AckRequeue()
+    declares = getattr(settlement, "is_settlement_policy", False) is True
+    if isinstance(settlement, type):
+        name = settlement.__name__
+        if declares:
+            raise TypeError(
+                f"{where}: settlement={name} is the class; pass an instance {name}() "
+                f"(or {name}(on_exception=Action.REJECT), ...)"
+            )
+        raise TypeError(
+            f"{where}: settlement={name} is a class, not a settlement policy; pass an "
+            "instance of a policy such as AckRequeue()"
+        )
+    if not declares:
+        name = type(settlement).__name__
+        if is_async_callable(settlement):
+            raise TypeError(
+                f"{where}: {name} is a middleware, not a settlement policy: pass it in "
+                f"middlewares=[...]; settlement= takes a policy such as AckRequeue() or "
+                "AckRequeue(on_exception=Action.REJECT)"
+            )
+        raise TypeError(
+            f"{where}: settlement= takes a settlement policy such as AckRequeue() or "
+            f"AckRequeue(on_exception=Action.REJECT), got {settlement!r}"
+        )
     if not is_async_callable(settlement):
         raise TypeError(
-            f"{where}: settlement must be an AckRequeue(...) or an async callable "
-            f"(message, call_next) that settles every message, got {settlement!r}"
+            f"{where}: settlement policy {settlement!r} must be an async callable "
+            "(async def __call__(self, message, call_next): ...)"
         )
     return settlement
 
@@ -274,7 +343,7 @@ def check_settlement(settlement: AnyMiddleware | None, where: str) -> AnyMiddlew
 def check_route(
     queues: Iterable[str] | str,
     *,
-    vhost: str,
+    vhost: str | None,
     middlewares: Sequence[AnyMiddleware],
     settlement: AnyMiddleware | None,
     declare: bool,
@@ -290,15 +359,12 @@ def check_route(
     for name in names:
         if not isinstance(name, str) or not name:
             raise ValueError(f"queue names must be non-empty strings, got {name!r}")
-    if not isinstance(vhost, str) or not vhost:
+    explicit = vhost is not None
+    if vhost is None:
+        vhost = config.params.vhost
+    elif not isinstance(vhost, str) or not vhost:
         raise ValueError(f"vhost must be a non-empty string, got {vhost!r}")
-    for route in existing:
-        clash = set(route.queues) & set(names)
-        if route.vhost == vhost and clash:
-            raise ValueError(
-                f"queue {sorted(clash)[0]!r} in vhost {vhost!r} already has a "
-                f"handler ({route.name}); one queue, one route"
-            )
+    check_queue_clash([*existing, Route(_never, names, vhost, (), None, False, "")])
     route_middlewares = check_middlewares(middlewares, "route()")
     route_settlement = None if settlement is None else check_settlement(settlement, "route()")
     interval = _check_bulk(
@@ -324,9 +390,34 @@ def check_route(
             name=getattr(handler, "__qualname__", repr(handler)),
             bulk_size=bulk_size,
             bulk_flush_interval=interval,
+            explicit_vhost=explicit,
         )
 
     return make
+
+
+async def _never(message: Any) -> None:  # the handler of a route being checked
+    raise NotImplementedError
+
+
+def check_queue_clash(routes: Sequence[Route]) -> None:
+    """Raise ``ValueError`` if two of ``routes`` consume one queue of one vhost.
+
+    Checked at registration, and again when the App serves: a route without
+    ``vhost=`` follows the App's URL, which ``--url`` may have moved onto the
+    vhost of another route.
+    """
+    owners: dict[tuple[str, str], Route] = {}
+    for route in routes:
+        for queue in route.queues:
+            first = owners.setdefault((route.vhost, queue), route)
+            if first is not route:
+                what = "already has a handler" if route.name == "" else "has two handlers"
+                names = first.name if route.name == "" else f"{first.name} and {route.name}"
+                raise ValueError(
+                    f"queue {queue!r} in vhost {route.vhost!r} {what} ({names}); one queue, "
+                    "one route (a route without vhost= consumes the vhost of the App's URL)"
+                )
 
 
 def _check_bulk(
@@ -384,5 +475,50 @@ def require_http_extra() -> None:
     if missing:
         raise RuntimeError(
             f"App(http=...) needs {' and '.join(missing)}: install the 'http' extra "
-            "(pip install 'asyncworker[http]')"
+            f"({install_hint('http')})"
         )
+
+
+def _params_of_url(
+    url: str,
+    heartbeat: int | None,
+    connect_timeout: float | None,
+    ssl_context: _ssl.SSLContext | None,
+    name: str,
+) -> ConnectionParams:
+    """The ``ConnectionParams`` of ``App(url=..., ...)``: the URL and the arguments agree."""
+    given = parse_url(url)
+    shown = redact_url(url)
+    for argument, value, key, scale in (
+        ("heartbeat", heartbeat, "heartbeat", 1),
+        ("connect_timeout", connect_timeout, "connect_timeout", 1000),
+    ):
+        if value is not None and key in given and given[key] != value:
+            option = "connection_timeout" if key == "connect_timeout" else key
+            raise ValueError(
+                f"{argument}={value} and the URL's ?{option}={round(given[key] * scale)} "
+                f"disagree ({shown!r}): give it in one place"
+            )
+    if ssl_context is not None:
+        if given["scheme"] == "amqp":
+            raise ValueError(
+                f"ssl= asks for TLS, and url={shown!r} is plain amqp://: write amqps:// "
+                "(TLS port 5671 by default), or leave ssl= out"
+            )
+        if "ssl" in given:
+            raise ValueError(
+                f"give the TLS settings either as ssl= or as options of url={shown!r}, not both"
+            )
+    defaults: dict[str, Any] = {
+        "heartbeat": DEFAULT_HEARTBEAT,
+        "connect_timeout": DEFAULT_CONNECT_TIMEOUT,
+        "client_name": name,
+    }
+    explicit: dict[str, Any] = {}
+    if heartbeat is not None:
+        explicit["heartbeat"] = heartbeat
+    if connect_timeout is not None:
+        explicit["connect_timeout"] = connect_timeout
+    if ssl_context is not None and given["scheme"] == "amqps":
+        explicit["ssl"] = ssl_context
+    return ConnectionParams.from_url(url, defaults=defaults, **explicit)

@@ -26,7 +26,7 @@ from __future__ import annotations
 import datetime
 import logging
 import math
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
@@ -38,7 +38,7 @@ from ._util import is_async_callable, split_cancelled
 if TYPE_CHECKING:
     from ._statistics import AppStatistics
 
-__all__ = ["Lifecycle", "PeriodicTask", "grace_timer"]
+__all__ = ["Lifecycle", "PeriodicTask", "ShutdownReport", "grace_timer", "serving_line"]
 
 logger = logging.getLogger("asyncworker")
 
@@ -274,3 +274,89 @@ async def grace_timer(
                 "shutdown is waiting for handlers that ignore cancellation: %s",
                 ", ".join(stuck),
             )
+
+
+def serving_line(queues: Mapping[str, Sequence[str]], periodic: int, address: str) -> str:
+    """The "serving" log line: every queue consumed, by vhost, and the broker's address."""
+    tasks = f"; {periodic} periodic task(s)" if periodic else ""
+    if not queues:
+        return f"serving no queues{tasks}"
+    served = "; ".join(
+        f"{', '.join(repr(queue) for queue in names)} in vhost {vhost!r}"
+        for vhost, names in queues.items()
+    )
+    count = sum(len(names) for names in queues.values())
+    return f"serving {count} queue(s): {served}{tasks}, on {address}"
+
+
+@dataclass(frozen=True, slots=True)
+class _Drain:
+    """What a shutdown's drain started with."""
+
+    started: float
+    in_flight: int
+    waiting: int
+    cancelled_before: int
+
+
+class ShutdownReport:
+    """Counts the handlers shutdowns cancelled, and writes the final "stopped" line.
+
+    The App calls ``cancelling(n)`` whenever it cancels ``n`` in-flight
+    handlers (the grace period ran out, or a second signal came), runs
+    ``watch()`` while serving (it notes what the drain starts with, from
+    ``statistics()`` only), and calls ``log_stopped()`` once ``serve()`` is
+    over.  ``cancelled`` is what ``AppStatistics.handlers_cancelled`` reports
+    and what gives ``asyncworker run`` its exit status 3.
+    """
+
+    def __init__(self) -> None:
+        #: Handlers cancelled on shutdown since the App started.
+        self.cancelled = 0
+        self._drain: _Drain | None = None
+
+    def cancelling(self, in_flight: int) -> None:
+        """``in_flight`` handlers are being cancelled."""
+        self.cancelled += in_flight
+
+    async def watch(self, stop: trio.Event, statistics: Callable[[], AppStatistics]) -> None:
+        """Once ``stop`` is set, note what the drain starts with; then return."""
+        await stop.wait()
+        consumers = statistics().consumers
+        self._drain = _Drain(
+            started=trio.current_time(),
+            in_flight=sum(c.in_flight for c in consumers),
+            waiting=sum(c.waiting for c in consumers),
+            cancelled_before=self.cancelled,
+        )
+
+    def log_stopped(self) -> None:
+        """Log the final line of a ``serve()`` that started: what the drain did."""
+        drain, self._drain = self._drain, None
+        if drain is None:  # serve() ended without a stop request
+            logger.info("stopped")
+            return
+        cancelled = self.cancelled - drain.cancelled_before
+        finished = max(drain.in_flight - cancelled, 0)
+        grace = (
+            f"the grace period cancelled {cancelled} (their messages were requeued)"
+            if cancelled
+            else "none was cancelled"
+        )
+        unstarted = (
+            f"; {drain.waiting} delivered message(s) not yet handled were requeued"
+            if drain.waiting
+            else ""
+        )
+        logger.info(
+            "stopped: %d handler(s) in flight at shutdown finished, %s%s; drained in %.1f s",
+            finished,
+            grace,
+            unstarted,
+            trio.current_time() - drain.started,
+            extra={
+                "drained": finished,
+                "cancelled": cancelled,
+                "requeued_unstarted": drain.waiting,
+            },
+        )

@@ -18,7 +18,7 @@ from typing import Any, ClassVar, TypeVar
 import trio
 
 from ._message import Batch, Settleable, Settlement
-from ._util import split_cancelled
+from ._util import split_cancelled, suggest_keywords
 
 __all__ = ["AckRequeue", "Action"]
 
@@ -38,6 +38,7 @@ class Action(enum.Enum):
     REJECT = "reject"
 
 
+@suggest_keywords()
 class AckRequeue:
     """Settle every message exactly once, whatever its chain did.
 

@@ -57,3 +57,7 @@ class AppStatistics:
     publishes_confirmed: dict[str, int] = field(default_factory=dict)
     #: ``App.publish()`` calls that raised (nacked, unroutable, timed out, ...), per vhost.
     publishes_failed: dict[str, int] = field(default_factory=dict)
+    #: Handlers cancelled on shutdown since the App started: still running when
+    #: the grace period ran out (or a second signal came); their messages were
+    #: requeued.
+    handlers_cancelled: int = 0

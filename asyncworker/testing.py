@@ -30,6 +30,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
+from urllib.parse import quote
 
 import trio
 
@@ -119,7 +120,10 @@ class TestClient:
             # The App runs on the private broker for the duration of the block
             # only: it gets its own settings back on exit.
             try:
-                stack.enter_context(app.reconfigured(url=_URL, connector=self._connect))
+                # The App's own vhost is kept: its routes without vhost= consume
+                # the vhost of its URL here as in production.
+                url = f"{_URL}/{quote(app.vhost, safe='')}"
+                stack.enter_context(app.reconfigured(url=url, connector=self._connect))
             except RuntimeError:
                 raise RuntimeError(
                     "the App is already serving: a TestClient runs app.serve itself, on its "

@@ -9,6 +9,7 @@ from typing import Any, TypeVar
 
 from .._exceptions import HandlerTimeout
 from .._message import Batch, Message, Settleable, Settlement
+from .._util import suggest_keywords
 
 __all__ = ["Logging"]
 
@@ -23,6 +24,7 @@ _SETTLED = {
 S = TypeVar("S", bound=Settleable)
 
 
+@suggest_keywords()
 class Logging:
     """Write one log line per message: where it came from, how it ended, how long it took.
 
@@ -65,7 +67,9 @@ class Logging:
 
     Args:
         logger: a ``logging.Logger``, or a logger name; ``"asyncworker"`` by default.
-        level: the level of the line for a message that succeeded.
+        level: the level of the line for a message that succeeded: a number
+            (``logging.INFO``) or a level name as the standard library knows
+            it (``"INFO"``, ``"debug"``).
         log_body: also log (the start of) the body.
         max_body: how many bytes of the body to log, at most (>= 0).
     """
@@ -75,13 +79,23 @@ class Logging:
     def __init__(
         self,
         logger: logging.Logger | str | None = None,
-        level: int = logging.INFO,
+        level: int | str = logging.INFO,
         log_body: bool = False,
         max_body: int = 1024,
     ) -> None:
+        if isinstance(level, str):
+            # What logging.Logger.setLevel accepts, whatever its case.
+            named = logging.getLevelNamesMapping().get(level.strip().upper())
+            if named is None:
+                raise ValueError(
+                    f"Logging(level={level!r}): unknown level name; use DEBUG, INFO, WARNING, "
+                    "ERROR or CRITICAL (or a number such as logging.INFO)"
+                )
+            level = named
         if isinstance(level, bool) or not isinstance(level, int):
             raise TypeError(
-                f"Logging(level=...) takes a logging level such as logging.INFO, got {level!r}"
+                "Logging(level=...) takes a logging level such as logging.INFO or 'INFO', "
+                f"got {level!r}"
             )
         if isinstance(max_body, bool) or not isinstance(max_body, int) or max_body < 0:
             raise ValueError(f"Logging(max_body=...) must be an int >= 0, got {max_body!r}")
@@ -95,8 +109,8 @@ class Logging:
             )
         #: Where the lines go.
         self.logger: logging.Logger = logger
-        #: The level of a success line.
-        self.level = level
+        #: The level of a success line (a number).
+        self.level: int = level
         #: Whether the body is logged.
         self.log_body = log_body
         #: How many bytes of the body are logged, at most.

@@ -11,6 +11,7 @@ from typing import Any, ClassVar, Literal, TypeAlias
 
 from .._chain import CallNext
 from .._message import AppHandle, Message
+from .._util import suggest_keywords
 
 __all__ = ["Retry"]
 
@@ -39,6 +40,9 @@ _MAX_ERROR_LENGTH = 1024
 _MAX_LAST_ERROR_LENGTH = 256
 
 
+@suggest_keywords(
+    {"max_retries": "max_attempts", "retries": "max_attempts", "attempts": "max_attempts"}
+)
 class Retry:
     """Retry a failing message up to ``max_attempts`` times, then dead-letter it.
 

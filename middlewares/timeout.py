@@ -10,6 +10,7 @@ import trio
 
 from .._exceptions import HandlerTimeout
 from .._message import Settleable
+from .._util import suggest_keywords
 
 __all__ = ["Timeout"]
 
@@ -17,6 +18,7 @@ __all__ = ["Timeout"]
 S = TypeVar("S", bound=Settleable)
 
 
+@suggest_keywords()
 class Timeout:
     """Cancel the rest of the chain if it runs longer than ``seconds`` on a message.
 

@@ -227,7 +227,8 @@ class Broker:
 @asynccontextmanager
 async def open_broker(url: str = BROKER_URL, vhost: str | None = None) -> AsyncIterator[Broker]:
     """A ``Broker`` on ``url`` (on ``vhost``, if given, instead of the URL's)."""
-    params = ConnectionParams.from_url(url, **({"vhost": vhost} if vhost is not None else {}))
+    overrides: dict[str, Any] = {} if vhost is None else {"vhost": vhost}
+    params = ConnectionParams.from_url(url, **overrides)
     async with connect(params) as connection:
         channel = await connection.channel()
         await channel.confirm_select()

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any
+
 import pytest
 import trio
 
+import asyncworker
 from asyncworker import App, ConnectError, Message
 from asyncworker._transports import Connection, ConnectionParams
 from asyncworker._transports.memory import MemoryBroker
+from asyncworker._util import install_hint
 from asyncworker.middlewares import AckRequeue, Action
 
 
@@ -154,8 +159,19 @@ def test_http_without_the_http_extra_says_how_to_install_it(
         return None if name == "hypercorn" else real_find_spec(name)
 
     monkeypatch.setattr(importlib.util, "find_spec", find_spec)
-    with pytest.raises(RuntimeError, match=r"pip install 'asyncworker\[http\]'"):
+    with pytest.raises(RuntimeError, match="install the 'http' extra") as info:
         App(http="127.0.0.1:8080")
+    assert f"({install_hint('http')})" in str(info.value)
+
+
+def test_the_install_hint_fits_how_asyncworker_was_installed() -> None:
+    # From a checkout, "pip install 'asyncworker[http]'" would ask an index
+    # for a package of that name: the hint names the checkout instead.
+    tree = Path(asyncworker.__file__).resolve().parent.parent
+    if (tree / "pyproject.toml").is_file():
+        assert install_hint("http") == f"pip install -e '{tree}[http]'"
+    else:  # the installed wheel (CI's second run)
+        assert install_hint("http") == "pip install 'asyncworker[http]'"
 
 
 async def test_an_http_address_in_use_is_a_startup_error(mem: MemoryBroker) -> None:
@@ -175,3 +191,114 @@ async def test_an_http_address_in_use_is_a_startup_error(mem: MemoryBroker) -> N
 
         with pytest.raises(StartupError, match=f"127.0.0.1:{port}"):
             await app.serve()
+
+
+# -- settlement= takes a settlement policy instance, nothing else -------------------------
+
+
+def test_a_middleware_as_settlement_is_refused() -> None:
+    from asyncworker.middlewares import Logging, Retry
+
+    for where in ("App", "route()"):
+        for middleware in (Retry(3), Logging()):
+            name = type(middleware).__name__
+            with pytest.raises(TypeError) as info:
+                if where == "App":
+                    App(settlement=middleware)
+                else:
+                    App().route(["q"], settlement=middleware)
+            assert f"{name} is a middleware, not a settlement policy: pass it in middlewares=" in (
+                str(info.value)
+            )
+
+
+def test_the_settlement_class_is_refused_with_the_instance_to_pass() -> None:
+    with pytest.raises(TypeError, match=r"settlement=AckRequeue is the class; pass an instance "):
+        App(settlement=AckRequeue)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"pass an instance AckRequeue\(\)"):
+        App().route(["q"], settlement=AckRequeue)  # type: ignore[arg-type]
+
+
+def test_anything_else_as_settlement_is_refused() -> None:
+    async def settle(message: Message, call_next: object) -> None:
+        pass
+
+    with pytest.raises(TypeError, match="settlement policy"):
+        App(settlement=settle)
+    with pytest.raises(TypeError, match=r"takes a settlement policy such as AckRequeue\(\)"):
+        App(settlement="requeue")  # type: ignore[arg-type]
+
+
+def test_a_policy_of_ones_own_declares_itself() -> None:
+    class Policy:
+        is_settlement_policy = True
+
+        async def __call__(self, message: Message, call_next: object) -> None:
+            pass
+
+    policy = Policy()
+    App(settlement=policy)
+    App().route(["q"], settlement=policy)(handler)
+
+
+# -- "did you mean" -----------------------------------------------------------------------
+
+
+#: App, for calls with the wrong keywords on purpose (a type checker refuses them).
+AnyApp: Any = App
+
+
+@pytest.mark.parametrize(
+    ("call", "expected"),
+    [
+        (lambda: AnyApp(hostname="h"), "'hostname'; did you mean 'host'?"),
+        (lambda: AnyApp(username="u"), "'username'; did you mean 'user'?"),
+        (lambda: AnyApp(prefetch=3), "'prefetch'; did you mean 'prefetch_count'?"),
+        (lambda: AnyApp(vhost="v"), "write the vhost in the URL"),
+        (lambda: AnyApp().route(["q"], vhots="v"), "'vhots'; did you mean 'vhost'?"),
+        (lambda: AnyApp().route(["q"], bulk_sise=5), "'bulk_sise'; did you mean 'bulk_size'?"),
+        (lambda: AnyApp().run_every(5, run_at_startup=True), "did you mean 'run_at_start'?"),
+    ],
+)
+def test_misspelled_keywords_get_a_suggestion(call: object, expected: str) -> None:
+    with pytest.raises(TypeError) as info:
+        call()  # type: ignore[operator]
+    assert expected in str(info.value)
+
+
+def test_misspelled_middleware_keywords_get_a_suggestion() -> None:
+    from asyncworker.middlewares import Logging, Retry, Timeout
+
+    with pytest.raises(TypeError, match="'max_attempt'; did you mean 'max_attempts'"):
+        Retry(max_attempt=3)  # type: ignore[call-arg]
+    with pytest.raises(TypeError, match="'max_retries'; did you mean 'max_attempts'"):
+        Retry(max_retries=3)  # type: ignore[call-arg]
+    with pytest.raises(TypeError, match="'second'; did you mean 'seconds'"):
+        Timeout(second=3)  # type: ignore[call-arg]
+    with pytest.raises(TypeError, match="'log_bodies'; did you mean 'log_body'"):
+        Logging(log_bodies=True)  # type: ignore[call-arg]
+    with pytest.raises(TypeError, match="'on_exeption'; did you mean 'on_exception'"):
+        AckRequeue(on_exeption=Action.REJECT)  # type: ignore[call-arg]
+    # Right keywords, positional arguments and subclasses with keywords of their own work.
+
+    class Patient(Retry):
+        def __init__(self, max_attempts: int = 5, *, patience: float = 1.0) -> None:
+            super().__init__(max_attempts)
+            self.patience = patience
+
+    assert Retry(max_attempts=2).max_attempts == Retry(2).max_attempts == 2
+    assert Patient(3, patience=2.0).patience == 2.0
+    assert Timeout(seconds=1.5).seconds == 1.5
+
+
+def test_logging_takes_standard_level_names() -> None:
+    import logging
+
+    from asyncworker.middlewares import Logging
+
+    assert Logging(level="INFO").level == logging.INFO
+    assert Logging(level="debug").level == logging.DEBUG
+    assert Logging(level="WARN").level == logging.WARNING
+    assert Logging(level=logging.ERROR).level == logging.ERROR
+    with pytest.raises(ValueError, match="unknown level name; use DEBUG, INFO"):
+        Logging(level="LOUD")

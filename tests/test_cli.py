@@ -8,7 +8,10 @@ import signal
 import subprocess
 import sys
 import textwrap
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
@@ -371,6 +374,24 @@ async def wait_exit(process: subprocess.Popen[bytes], timeout: float = 30) -> in
     return process.returncode
 
 
+@contextmanager
+def started(*args: str, **popen: Any) -> Iterator[subprocess.Popen[bytes]]:
+    """``asyncworker ARGS`` as a process, killed on the way out if it still runs."""
+    process = subprocess.Popen([*COMMAND, *args], **popen)
+    try:
+        yield process
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
+async def terminate(process: subprocess.Popen[bytes], timeout: float = 30) -> int:
+    """SIGTERM ``process``; its exit status once it has exited."""
+    process.send_signal(signal.SIGTERM)
+    return await wait_exit(process, timeout)
+
+
 @pytest.mark.rabbitmq
 async def test_run_two_workers_share_a_queue_and_sigterm_drains_both(
     broker: Broker, tmp_path: Path
@@ -451,3 +472,54 @@ async def test_run_reports_a_crashed_worker_and_keeps_the_others(
     handled = sum(handled_by(pids).values())
     left = await broker.count(queue)
     assert handled + left >= published
+
+
+# -- run: exit statuses, app.run() at import --------------------------------------------
+
+
+STUCK_WORKER = """
+import trio
+from asyncworker import App
+
+app = App(url="memory://stuck", grace_period=0.2)
+
+@app.on_startup
+async def feed(app):
+    await app.declare_queue("jobs")
+    await app.publish(b"x", routing_key="jobs")
+
+@app.route(["jobs"])
+async def handler(message):
+    print("handling", flush=True)
+    await trio.sleep_forever()
+
+app.run()  # as in `python worker.py`: skipped under `asyncworker run`
+"""
+
+
+async def test_run_skips_app_run_at_import_and_exits_3_when_the_grace_period_cancelled(
+    tmp_path: Path,
+) -> None:
+    (tmp_path / "stuck.py").write_text(STUCK_WORKER)
+    pipes = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE}
+    with started("run", "stuck:app", cwd=tmp_path, **pipes) as process:
+        assert process.stdout is not None and process.stderr is not None
+        line = await trio.to_thread.run_sync(process.stdout.readline)
+        assert line == b"handling\n"
+        code = await terminate(process)
+    stderr = process.stderr.read().decode()
+    assert code == 3, stderr
+    warnings = [line for line in stderr.splitlines() if "ignoring app.run()" in line]
+    assert warnings == [
+        "asyncworker: ignoring app.run() (stuck.py, line 17) while `asyncworker run` imports "
+        "'stuck': the command runs the App itself; keep app.run() under "
+        "if __name__ == '__main__': to silence this"
+    ]
+    # Served once: one serving line, one stopped line.
+    assert stderr.count("serving 1 queue(s): 'jobs' in vhost '/'") == 1, stderr
+    assert (
+        stderr.count(
+            "stopped: 0 handler(s) in flight at shutdown finished, the grace period cancelled 1"
+        )
+        == 1
+    ), stderr

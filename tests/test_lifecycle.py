@@ -459,3 +459,50 @@ async def test_periodic_task_failing_while_cancelled_at_grace_end_does_not_crash
             await running.wait()
             await app.shutdown()
     assert "cleanup failed" in caplog.text
+
+
+# -- an App without routes -----------------------------------------------------------------
+
+
+async def test_an_app_with_only_periodic_tasks_serves(mem: MemoryBroker) -> None:
+    # docs/periodic.md's example: no route at all.
+    app = App(url=mem.url)
+    runs: list[float] = []
+
+    @app.run_every(30)
+    async def refresh_cache(app: App) -> None:
+        runs.append(trio.current_time())
+
+    async with trio.open_nursery() as nursery:
+        start = trio.current_time()
+        await nursery.start(app.serve)
+        assert app.statistics().serving
+        await wait_for(lambda: len(runs) == 3, timeout=100)
+        await app.shutdown()
+    assert [round(t - start) for t in runs] == [30, 60, 90]
+    assert app.statistics().consumers == ()
+
+
+async def test_an_app_with_only_hooks_serves_until_shutdown(mem: MemoryBroker) -> None:
+    app = App(url=mem.url)
+    events: list[str] = []
+
+    @app.on_startup
+    async def start(app: App) -> None:
+        events.append("startup")
+
+    @app.on_shutdown
+    async def stop(app: App) -> None:
+        events.append("shutdown")
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(app.serve)
+        await trio.sleep(3600)  # virtual: it still serves, it did not return
+        assert events == ["startup"] and app.statistics().serving
+        await app.shutdown()
+    assert events == ["startup", "shutdown"]
+
+
+async def test_an_app_with_nothing_to_serve_says_what_to_add(mem: MemoryBroker) -> None:
+    with pytest.raises(RuntimeError, match=r"nothing to serve: add a route \(@app.route"):
+        await App(url=mem.url).serve()

@@ -8,10 +8,13 @@ on shutdown and requeues what it could not finish: the same answers on
 
 from __future__ import annotations
 
+import logging
+from urllib.parse import quote
+
 import pytest
 import trio
 
-from asyncworker import ConnectError, Message
+from asyncworker import App, ConnectError, Message
 
 from ..conftest import Backend, open_broker, serve_until, wait_for
 
@@ -224,6 +227,102 @@ async def test_one_route_many_queues_and_vhosts(backend: Backend) -> None:
                     ("/", root_queue, b"root"),
                 ]
             )
+
+
+def on_vhost(url: str, vhost: str) -> str:
+    """``url`` with its vhost replaced by ``vhost``."""
+    return f"{url.rstrip('/')}/{quote(vhost, safe='')}"
+
+
+async def test_a_route_without_vhost_consumes_the_vhost_of_the_apps_url(
+    backend: Backend, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # One rule, however the URL was given: in the code, as an override
+    # (--url: App.reconfigured) or from ASYNCWORKER_URL.
+    with backend.vhost() as first, backend.vhost() as second:
+        async with (
+            open_broker(backend.url, vhost=first) as one,
+            open_broker(backend.url, vhost=second) as two,
+        ):
+            queue = one.queue_name("follows")
+            for broker in (one, two, backend.broker):
+                await broker.channel.queue_declare(queue, durable=True)
+            pinned = await backend.broker.declare("pinned")
+            seen: list[tuple[str, str, bytes]] = []
+
+            def make(app: App) -> App:
+                @app.route([queue])
+                async def follows(message: Message) -> None:
+                    seen.append((message.vhost, message.queue, message.body))
+
+                @app.route([pinned], vhost="/")
+                async def stays(message: Message) -> None:
+                    seen.append((message.vhost, message.queue, message.body))
+
+                return app
+
+            async def served_by(app: App, body: bytes) -> set[tuple[str, str, bytes]]:
+                seen.clear()
+                for broker in (one, two, backend.broker):
+                    await broker.publish(queue, body)
+                await backend.broker.publish(pinned, body)
+                caplog.clear()
+                with caplog.at_level(logging.INFO, logger="asyncworker"):
+                    await serve_until(app, lambda: len(seen) == 2)
+                serving = [r.getMessage() for r in caplog.records if "serving" in r.message]
+                assert len(serving) == 1, serving
+                assert f"{queue!r} in vhost {app.vhost!r}" in serving[0]
+                assert f"{pinned!r} in vhost '/'" in serving[0]
+                for broker in (one, two, backend.broker):
+                    await broker.drain(queue)
+                return set(seen)
+
+            with trio.fail_after(30):
+                # In the code.
+                app = make(App(url=on_vhost(backend.url, first), prefetch_count=16))
+                assert {r.vhost for r in app.routes} == {first, "/"}
+                assert await served_by(app, b"code") == {
+                    (first, queue, b"code"),
+                    ("/", pinned, b"code"),
+                }
+                # An override, as --url gives it: the route moves, the pinned one stays.
+                with app.reconfigured(url=on_vhost(backend.url, second)):
+                    assert {r.vhost for r in app.routes} == {second, "/"}
+                    assert await served_by(app, b"override") == {
+                        (second, queue, b"override"),
+                        ("/", pinned, b"override"),
+                    }
+                assert {r.vhost for r in app.routes} == {first, "/"}
+                # ASYNCWORKER_URL.
+                monkeypatch.setenv("ASYNCWORKER_URL", on_vhost(backend.url, second))
+                app = make(App(prefetch_count=16))
+                assert await served_by(app, b"env") == {
+                    (second, queue, b"env"),
+                    ("/", pinned, b"env"),
+                }
+            await one.channel.queue_delete(queue)
+            await two.channel.queue_delete(queue)
+
+
+async def test_a_moved_route_cannot_take_a_queue_of_another_route(backend: Backend) -> None:
+    with backend.vhost() as vhost:
+        app = backend.app()
+
+        @app.route(["orders"])
+        async def follows(message: Message) -> None:
+            pass
+
+        @app.route(["orders"], vhost=vhost)
+        async def pinned(message: Message) -> None:
+            pass
+
+        clash = f"queue 'orders' in vhost {vhost!r} has two"
+        with (
+            app.reconfigured(url=on_vhost(backend.url, vhost)),
+            trio.fail_after(10),
+            pytest.raises(ValueError, match=clash),
+        ):
+            await app.serve()
 
 
 async def test_grace_period_cancels_stuck_handlers_and_requeues(backend: Backend) -> None:

@@ -146,7 +146,7 @@ class AMQPConnection(CloseOnce):
         self._reads_in_a_row = 0
         self._read_was_small = False
         self._frame_max = params.frame_max
-        self._channel_max = 2047
+        self._channel_max = params.channel_max
         self._heartbeat = 0
         self._channels: dict[int, AMQPChannel] = {}
         self._consumer_seq = 0
@@ -641,7 +641,7 @@ class AMQPConnection(CloseOnce):
         if not isinstance(tune, commands.Connection.Tune):
             raise ProtocolError(f"expected connection.tune, got {tune.name}")
         self._frame_max = _negotiate(params.frame_max, tune.frame_max)
-        self._channel_max = _negotiate(2047, tune.channel_max)
+        self._channel_max = _negotiate(params.channel_max, tune.channel_max)
         # heartbeat=0 asks for none: the broker's proposal is only an upper bound.
         self._heartbeat = (
             0 if params.heartbeat == 0 else _negotiate(params.heartbeat, tune.heartbeat)
