@@ -29,11 +29,15 @@ from asyncworker._transports import ConnectionParams, Delivery, Properties
 from asyncworker._transports.amqp.channel import AMQPChannel
 from asyncworker._transports.amqp.codec import decode_properties, encode_properties
 from asyncworker._transports.amqp.connection import AMQPConnection
+from asyncworker._transports.amqp.handshake import Tuned
 
 pytestmark = pytest.mark.anyio
 
 
 T = TypeVar("T")
+
+#: What the reader tests' connections negotiated (they skip the handshake).
+TUNED = Tuned(frame_max=131072, channel_max=2047, heartbeat=0, leftover=b"")
 
 
 class ChunkStream(trio.abc.Stream):
@@ -217,7 +221,7 @@ async def _read(
 
 async def _parse(chunks: list[bytes]) -> tuple[list[Delivery], Any, AMQPConnection]:
     stream = ChunkStream()
-    conn = AMQPConnection(ConnectionParams(), stream)
+    conn = AMQPConnection(ConnectionParams(), stream, TUNED)
     received: list[Delivery] = []
     got: list[Delivery | None] = []
 
@@ -459,7 +463,7 @@ async def test_delivery_with_non_utf8_routing_key_is_delivered() -> None:
         + pframe.marshal(pbody.ContentBody(b"hi"), 1)
     )
     stream = ChunkStream()
-    conn = AMQPConnection(ConnectionParams(), stream)
+    conn = AMQPConnection(ConnectionParams(), stream, TUNED)
     received: list[Delivery] = []
 
     async def setup(nursery: trio.Nursery) -> None:

@@ -1,9 +1,11 @@
 """The ``amqp://`` and ``amqps://`` transport: a trio-native AMQP 0-9-1 client.
 
-Three modules, each importing only the ones below it:
+Four modules, each importing only the ones below it:
 
-* ``connection``: ``connect()``, the socket, the handshake and the reader,
-  writer and heartbeat tasks (its docstring tells how they share the work);
+* ``connection``: ``connect()`` and the connection's reader, writer and
+  heartbeat tasks (its docstring tells how they share the work);
+* ``handshake``: opening the socket and the AMQP handshake, which returns
+  what was negotiated before any connection object exists;
 * ``channel``: ``AMQPChannel``, one channel's requests, consumers, publisher
   confirms and settlement;
 * ``codec``: pure encoding and decoding of frames, field tables and content

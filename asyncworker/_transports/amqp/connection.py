@@ -1,8 +1,10 @@
-"""The AMQP connection: socket, handshake, reader/writer/heartbeat tasks, ``connect``.
+"""The AMQP connection: reader/writer/heartbeat tasks, ``connect``.
 
 This is the ``amqp://`` / ``amqps://`` implementation of the transport seam
 (``asyncworker._transports.base``), a trio-native AMQP 0-9-1 client on
-pamqp's codec.  One connection runs three background tasks:
+pamqp's codec.  ``connect`` opens the stream and runs the handshake
+(``handshake``), then builds the ``AMQPConnection`` from what was negotiated.
+One connection runs three background tasks:
 
 * the **reader** receives large chunks and parses every complete frame in
   them.  The hot frames (``basic.deliver``, content header, content body,
@@ -33,18 +35,16 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import platform
 import select
 from collections.abc import AsyncIterator
-from contextlib import AbstractAsyncContextManager, asynccontextmanager, suppress
-from typing import TYPE_CHECKING, Any, Final
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from typing import TYPE_CHECKING, Final
 
 import trio
 from pamqp import commands
 from pamqp import frame as pframe
 from pamqp.base import Frame as _PamqpMethod
 from pamqp.constants import (
-    AMQP,
     FRAME_BODY,
     FRAME_END,
     FRAME_HEADER,
@@ -52,10 +52,8 @@ from pamqp.constants import (
     FRAME_METHOD,
     REPLY_SUCCESS,
 )
-from pamqp.exceptions import AMQPAccessRefused, AMQPNotAllowed
-from pamqp.header import ProtocolHeader
 
-from ..._exceptions import AuthenticationError, ChannelClosed, ConnectError, ConnectionClosed
+from ..._exceptions import ChannelClosed, ConnectError, ConnectionClosed
 from ..base import CloseOnce, fresh
 from ..params import ConnectionParams
 from .channel import HIGH_WATER, AMQPChannel
@@ -72,6 +70,7 @@ from .codec import (
     unpack_u32,
     unpack_u64_bits,
 )
+from .handshake import EOF, Tuned, handshake, open_stream, os_reason
 
 if TYPE_CHECKING:
     from ..base import Connection
@@ -79,8 +78,6 @@ if TYPE_CHECKING:
 __all__ = ["AMQPConnection", "connect"]
 
 log = logging.getLogger("asyncworker.amqp")
-
-_VERSION: Final = "0.1.0"
 
 #: How many bytes the reader asks for per ``receive_some``.  Large enough to
 #: hold hundreds of small deliveries, small enough to stay below glibc's mmap
@@ -93,19 +90,6 @@ _SMALL_READ: Final = 16384
 #: How long leaving the connection waits for ``connection.close-ok``.
 _CLOSE_TIMEOUT: Final = 3.0
 
-#: What the client announces in start-ok.  ``authentication_failure_close``
-#: makes RabbitMQ refuse credentials with ``connection.close`` 403 instead of
-#: dropping the socket: the handshake tells bad credentials (final) from a
-#: lost connection (retried) by it.
-_CAPABILITIES: Final[dict[str, Any]] = {
-    "publisher_confirms": True,
-    "consumer_cancel_notify": True,
-    "basic.nack": True,
-    "connection.blocked": True,
-    "authentication_failure_close": True,
-    "exchange_exchange_bindings": True,
-}
-
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class ConnectionStatistics:
@@ -113,10 +97,6 @@ class ConnectionStatistics:
 
     #: The numbers of the channels in use (open, or closing until close-ok), ascending.
     channels: tuple[int, ...]
-
-
-class _EOF(Exception):
-    """The socket was closed by the peer."""
 
 
 class AMQPConnection(CloseOnce):
@@ -128,7 +108,7 @@ class AMQPConnection(CloseOnce):
     _closed_error = ConnectionClosed
     _what = "connection"
 
-    def __init__(self, params: ConnectionParams, stream: trio.abc.Stream) -> None:
+    def __init__(self, params: ConnectionParams, stream: trio.abc.Stream, tuned: Tuned) -> None:
         super().__init__()
         self._params = params
         self._stream = stream
@@ -145,9 +125,9 @@ class AMQPConnection(CloseOnce):
             self._socket_fd = stream.transport_stream.socket.fileno()
         self._reads_in_a_row = 0
         self._read_was_small = False
-        self._frame_max = params.frame_max
-        self._channel_max = params.channel_max
-        self._heartbeat = 0
+        self._frame_max = tuned.frame_max
+        self._channel_max = tuned.channel_max
+        self._heartbeat = tuned.heartbeat
         self._channels: dict[int, AMQPChannel] = {}
         self._consumer_seq = 0
         self._close_ok = trio.Event()
@@ -159,11 +139,10 @@ class AMQPConnection(CloseOnce):
         self.out_size = 0  # only maintained for publishes (back-pressure)
         self.wake: trio.Event | None = None
         self._drained: trio.Event | None = None
-        self.last_send = 0.0
-        self._last_recv = 0.0
         # trio.current_time() without its layers of indirection (on the hot path).
         self.now = trio.lowlevel.current_clock().current_time
-        self._inbuf = bytearray()  # handshake reads; the leftover goes to the reader
+        self.last_send = self._last_recv = self.now()
+        self._leftover = tuned.leftover  # what the handshake read past open-ok
 
     def __repr__(self) -> str:
         return f"<AMQPConnection {self._params.display} {self._state()}>"
@@ -408,8 +387,8 @@ class AMQPConnection(CloseOnce):
     # -- reading
 
     async def _reader(self) -> None:
-        data = bytes(self._inbuf)  # whatever the handshake read past open-ok
-        self._inbuf = bytearray()
+        data = self._leftover  # whatever the handshake read past open-ok
+        self._leftover = b""
         try:
             while True:
                 leftover = b""
@@ -425,10 +404,10 @@ class AMQPConnection(CloseOnce):
                             need = 8 + unpack_frame_head(leftover)[2] - len(leftover)
                 chunk = await self._receive(max(_RECEIVE_SIZE, need))
                 if not chunk:
-                    raise _EOF
+                    raise EOF
                 self._last_recv = self.now()
                 data = leftover + chunk if leftover else chunk
-        except _EOF:
+        except EOF:
             self._fail(ConnectionClosed("connection lost: the broker closed the socket"))
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
             self._fail(_lost(exc))
@@ -541,150 +520,6 @@ class AMQPConnection(CloseOnce):
             return
         ch.on_method(method)
 
-    # -- handshake
-
-    async def _read_method(self) -> _PamqpMethod:
-        """Read the next method frame on channel 0 (handshake only)."""
-        buf = self._inbuf
-        while True:
-            if len(buf) >= 8 and buf[:4] == AMQP:
-                raise ConnectError(
-                    f"cannot connect to {self._params.display}: the server does not "
-                    "speak AMQP 0-9-1"
-                )
-            if len(buf) >= 7:
-                ftype, _ch, size = unpack_frame_head(buf)
-                if len(buf) >= 8 + size:
-                    frame = bytes(buf[: 8 + size])
-                    del buf[: 8 + size]
-                    if ftype == FRAME_HEARTBEAT:
-                        continue
-                    value = pframe.unmarshal(frame)[2]
-                    if not isinstance(value, _PamqpMethod):
-                        raise ProtocolError(f"unexpected {type(value).__name__} frame")
-                    return value
-            chunk = await self._stream.receive_some(_RECEIVE_SIZE)
-            if not chunk:
-                raise _EOF
-            buf += chunk
-
-    async def _handshake(self) -> None:
-        params = self._params
-        display = params.display
-        await self._stream.send_all(ProtocolHeader().marshal())
-        try:
-            start = await self._read_method()
-        except _EOF:
-            raise ConnectError(
-                f"cannot connect to {display}: the server closed the socket (not an AMQP broker?)"
-            ) from None
-        if not isinstance(start, commands.Connection.Start):
-            raise ProtocolError(f"expected connection.start, got {start.name}")
-        mechanisms = start.mechanisms.split()
-        if "PLAIN" not in mechanisms:
-            raise ConnectError(
-                f"cannot connect to {display}: the broker does not offer PLAIN "
-                f"authentication (offers {start.mechanisms})"
-            )
-        try:
-            f"{params.user}{params.password}".encode()
-        except UnicodeEncodeError:
-            # Checked here: the codec's error would quote the whole PLAIN
-            # response, password included.
-            raise AuthenticationError(
-                f"cannot connect to {display}: the user name or password is not valid "
-                "UTF-8 text (read from bytes in another encoding?)"
-            ) from None
-        client_properties: dict[str, Any] = {
-            "product": "asyncworker",
-            "version": _VERSION,
-            "platform": f"Python {platform.python_version()}",
-            "information": "https://github.com/asyncworker",
-            "connection_name": params.client_name,
-            "capabilities": dict(_CAPABILITIES),
-        }
-        await self._stream.send_all(
-            method_frame(
-                0,
-                commands.Connection.StartOk(
-                    client_properties=client_properties,
-                    mechanism="PLAIN",
-                    response=f"\0{params.user}\0{params.password}",
-                    locale="en_US",
-                ),
-            )
-        )
-        try:
-            tune = await self._read_method()
-        except (_EOF, trio.BrokenResourceError, OSError):
-            # We announce authentication_failure_close, so a broker that
-            # refuses the credentials says so with connection.close 403
-            # (below).  A bare EOF here is the connection lost: a
-            # ConnectError, which reconnecting and publishing retry (an
-            # AuthenticationError is final).  Only a broker that ignores the
-            # capability drops the socket on bad credentials: the hint says so.
-            raise ConnectError(
-                f"cannot connect to {display}: the connection was lost during "
-                "authentication (if this repeats against a broker that does not support "
-                "authentication_failure_close, check the user and password)"
-            ) from None
-        if isinstance(tune, commands.Connection.Close):
-            await self._send_close_ok()
-            if tune.reply_code == AMQPAccessRefused.value:
-                raise AuthenticationError(
-                    f"cannot connect to {display}: access refused for user "
-                    f"{params.user!r} (wrong user or password?)"
-                )
-            raise ConnectError(
-                f"cannot connect to {display}: {tune.reply_text} ({tune.reply_code})"
-            )
-        if not isinstance(tune, commands.Connection.Tune):
-            raise ProtocolError(f"expected connection.tune, got {tune.name}")
-        self._frame_max = _negotiate(params.frame_max, tune.frame_max)
-        self._channel_max = _negotiate(params.channel_max, tune.channel_max)
-        # heartbeat=0 asks for none: the broker's proposal is only an upper bound.
-        self._heartbeat = (
-            0 if params.heartbeat == 0 else _negotiate(params.heartbeat, tune.heartbeat)
-        )
-        await self._stream.send_all(
-            method_frame(
-                0,
-                commands.Connection.TuneOk(
-                    channel_max=self._channel_max,
-                    frame_max=self._frame_max,
-                    heartbeat=self._heartbeat,
-                ),
-            )
-            + method_frame(0, commands.Connection.Open(virtual_host=params.vhost))
-        )
-        try:
-            opened = await self._read_method()
-        except _EOF:
-            raise ConnectError(
-                f"cannot connect to {display}: the broker closed the socket while opening the vhost"
-            ) from None
-        if isinstance(opened, commands.Connection.Close):
-            await self._send_close_ok()
-            if opened.reply_code == AMQPNotAllowed.value:
-                raise ConnectError(
-                    f"cannot connect to {display}: vhost {params.vhost!r} does not exist or "
-                    f"user {params.user!r} has no access to it ({opened.reply_text})"
-                )
-            if opened.reply_code == AMQPAccessRefused.value:
-                raise AuthenticationError(f"cannot connect to {display}: {opened.reply_text}")
-            raise ConnectError(
-                f"cannot connect to {display}: {opened.reply_text} ({opened.reply_code})"
-            )
-        if not isinstance(opened, commands.Connection.OpenOk):
-            raise ProtocolError(f"expected connection.open-ok, got {opened.name}")
-        now = trio.current_time()
-        self._last_recv = self.last_send = now
-
-    async def _send_close_ok(self) -> None:
-        with trio.move_on_after(1):
-            with suppress(trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-                await self._stream.send_all(method_frame(0, commands.Connection.CloseOk()))
-
     async def _run_background(self, *, task_status: trio.TaskStatus[None]) -> None:
         try:
             with trio.CancelScope() as scope:
@@ -717,13 +552,6 @@ def _readable(fd: int) -> bool:
         return False
 
 
-def _negotiate(ours: int, theirs: int) -> int:
-    """The smaller of two limits, where 0 means "no limit"."""
-    if ours and theirs:
-        return min(ours, theirs)
-    return ours or theirs
-
-
 def _lost(exc: BaseException) -> ConnectionClosed:
     cause = exc.__cause__ or exc
     err = ConnectionClosed(f"connection lost: {cause}")
@@ -735,35 +563,14 @@ def _lost(exc: BaseException) -> ConnectionClosed:
 # Opening
 
 
-async def _open_stream(params: ConnectionParams) -> trio.abc.Stream:
-    if params.ssl is not None:
-        return await trio.open_ssl_over_tcp_stream(params.host, params.port, ssl_context=params.ssl)
-    return await trio.open_tcp_stream(params.host, params.port)
-
-
-def _os_reason(exc: BaseException) -> str:
-    """Why a TCP connection failed, in words (trio's open_tcp_stream wraps the
-    errors of each address it tried in one OSError)."""
-    causes = [exc]
-    if isinstance(exc.__cause__, BaseExceptionGroup):
-        causes = list(exc.__cause__.exceptions)
-    if all(isinstance(cause, ConnectionRefusedError) for cause in causes):
-        return "connection refused (is the broker running, and on this port?)"
-    first = causes[0]
-    if isinstance(first, OSError) and first.strerror:
-        return first.strerror.lower()
-    return repr(first)
-
-
 @asynccontextmanager
 async def _connect(params: ConnectionParams) -> AsyncIterator[AMQPConnection]:
     display = params.display
     stream: trio.abc.Stream | None = None
     try:
         with trio.fail_after(params.connect_timeout):
-            stream = await _open_stream(params)
-            conn = AMQPConnection(params, stream)
-            await conn._handshake()  # noqa: SLF001 — connect() is the class's constructor
+            stream = await open_stream(params)
+            conn = AMQPConnection(params, stream, await handshake(stream, params))
     except BaseException as exc:
         if stream is not None:
             await trio.aclose_forcefully(stream)
@@ -775,8 +582,8 @@ async def _connect(params: ConnectionParams) -> AsyncIterator[AMQPConnection]:
             ) from None
         if isinstance(exc, OSError | trio.BrokenResourceError | trio.ClosedResourceError):
             reason = exc.__cause__ if isinstance(exc, trio.BrokenResourceError) else exc
-            raise ConnectError(f"cannot connect to {display}: {_os_reason(reason or exc)}") from exc
-        if isinstance(exc, _EOF):
+            raise ConnectError(f"cannot connect to {display}: {os_reason(reason or exc)}") from exc
+        if isinstance(exc, EOF):
             raise ConnectError(
                 f"cannot connect to {display}: the server closed the socket"
             ) from None
@@ -788,7 +595,7 @@ async def _connect(params: ConnectionParams) -> AsyncIterator[AMQPConnection]:
     )
     body_exc: BaseException | None = None
     async with trio.open_nursery() as nursery:
-        await nursery.start(conn._run_background)  # noqa: SLF001 — as _handshake above
+        await nursery.start(conn._run_background)  # noqa: SLF001 — connect() is its constructor
         try:
             yield conn
         except BaseException as exc:
