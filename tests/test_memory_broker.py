@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import replace
@@ -195,7 +194,7 @@ def test_delayed_messages_next_expiry_and_expire_due() -> None:
         assert [d.body for d in broker.ready_messages("/", "work")] == [b"later"]
         assert broker.stats("/", "plain-ttl").expired == 1
 
-    assert run_mock(main) < 5
+    run_mock(main)
 
 
 async def test_routing_for_each_exchange_type(mem: MemoryBroker) -> None:
@@ -798,11 +797,15 @@ async def test_wait_until_idle(mem: MemoryBroker) -> None:
 # -- TTL, under trio's MockClock --------------------------------------------------
 
 
-def run_mock(test: Callable[[], Awaitable[None]]) -> float:
-    """Run ``test`` under an autojumping MockClock; return the wall time it took."""
-    start = time.monotonic()
+def run_mock(test: Callable[[], Awaitable[None]]) -> None:
+    """Run ``test`` under an autojumping MockClock.
+
+    Virtual time moves only to the next deadline trio knows of, so a test
+    that finds a message expired exactly at its TTL, in virtual time, proves
+    the broker's timers run on trio's clock: a timer on the real clock would
+    leave virtual time where it was, or let it jump to another deadline.
+    """
     trio.run(test, clock=trio.testing.MockClock(autojump_threshold=0))
-    return time.monotonic() - start
 
 
 def test_queue_ttl_delay_queue_dead_letters_without_consumer() -> None:
@@ -837,7 +840,7 @@ def test_queue_ttl_delay_queue_dead_letters_without_consumer() -> None:
             assert broker.stats("/", "delay-30s").dead_lettered == 1
 
     try:
-        assert run_mock(main) < 5
+        run_mock(main)
     finally:
         unregister_broker(name)
 
@@ -874,7 +877,7 @@ def test_per_message_expiration_dead_letters_and_drops_expiration() -> None:
             assert broker.stats("/", "plain").dead_lettered == 0
 
     try:
-        assert run_mock(main_checked) < 5
+        run_mock(main_checked)
     finally:
         unregister_broker(name)
 
@@ -925,7 +928,7 @@ def test_ttl_expiry_without_open_connection_via_wait_until_idle() -> None:
         assert broker.stats("/", "q").expired == 1
 
     try:
-        assert run_mock(main) < 5
+        run_mock(main)
     finally:
         unregister_broker(name)
 

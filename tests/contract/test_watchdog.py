@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import re
 import time
 
 import pytest
@@ -35,9 +34,10 @@ async def test_a_handler_blocking_the_loop_is_named(
             await broker.publish(queue, b"x")
             await done.wait()
             await wait_for(lambda: any("blocked" in r.getMessage() for r in caplog.records))
-    (record,) = [r for r in caplog.records if "event loop was blocked" in r.getMessage()]
-    text = record.getMessage()
-    assert "sleepy_handler" in text and queue in text
-    seconds = float(re.search(r"blocked for at least ([0-9.]+) s", text)[1])  # type: ignore[index]
-    assert 1.3 <= seconds <= 2.0
+    # How long the block was, measured by the watchdog, is checked to the
+    # watchdog's resolution under MockClock (tests/test_watchdog.py): here, a
+    # real block, on a machine whose load no test controls.
+    (text,) = {r.getMessage() for r in caplog.records if "sleepy_handler" in r.getMessage()}
+    assert "event loop was blocked for at least" in text and "(threshold 0.5 s)" in text
+    assert f"sleepy_handler' (queue {queue!r}, vhost '/')" in text
     assert "trio.to_thread.run_sync" in text
