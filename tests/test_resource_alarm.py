@@ -65,10 +65,16 @@ async def test_consumers_keep_acking_while_the_broker_blocks_publishing(broker: 
     handled = 0
     alarm_on = trio.Event()
     published = trio.Event()
+    # After the first few messages, consuming waits until the publisher is seen
+    # blocked: rabbitmqctl can take many seconds on a busy machine, and the
+    # steady queue must not drain before the alarm took hold.
+    blocked_seen = trio.Event()
 
     @app.route([steady])
     async def count(message: Message) -> None:
         nonlocal handled
+        if handled >= 5:
+            await blocked_seen.wait()
         handled += 1
         await trio.sleep(0.02)
 
@@ -92,9 +98,11 @@ async def test_consumers_keep_acking_while_the_broker_blocks_publishing(broker: 
             # its connection.
             await wait_for(publisher_blocked, timeout=60, interval=0.2)
             assert (await connection_states(name))[name] != "blocked"
-            before = handled
-            assert before < total - 20, "the steady queue drained before the alarm took hold"
-            await wait_for(lambda: handled >= before + 20, timeout=60)
+            assert handled == 5
+            # From here on, each steady message is delivered only once the
+            # broker has read the previous one's ack (prefetch 1).
+            blocked_seen.set()
+            await wait_for(lambda: handled >= 5 + 20, timeout=60)
             # Consuming went on, and the publish was held back all along.
             assert not published.is_set()
             # A publish that times out meanwhile says why.
