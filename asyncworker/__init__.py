@@ -34,7 +34,8 @@
 #   L3  middlewares > utils                      the plugins: they declare what they
 #                                                support, the core never imports them
 #   L2  _settlement > _chain > _message          the settlement policy, the chain,
-#                                                Message/Batch (Settleable)
+#       _instrumentation                         Message/Batch (Settleable); the
+#                                                publish hook tracing plugs in
 #   L1  _transports                              the seam, connect(), the AMQP client,
 #                                                the memory broker
 #   L0  _logging > _settings; _exceptions,       leaves

@@ -43,8 +43,10 @@ from ._config import (
     AppConfig,
     Connector,
     Route,
+    chain_layers,
     check_queue_clash,
     check_route,
+    publish_hook_of,
 )
 from ._consumer import Consumer, consumers_for
 from ._exceptions import AsyncWorkerError
@@ -217,6 +219,7 @@ class App:
         self._lifecycle: Lifecycle[App] = Lifecycle(self)
         self._publisher = Publisher(self._config.params, self._config.connector)
         self._routes: list[Route] = []
+        self._find_publish_hook()
         # Kept across serve() calls: their reconnection counts are "since the App started".
         self._supervisors: dict[str, Supervisor] = {}
         self._consumers: list[Consumer] = []
@@ -404,9 +407,18 @@ class App:
 
         def decorator(handler: H) -> H:
             self._routes.append(make_route(handler))
+            self._find_publish_hook()
             return handler
 
         return decorator
+
+    def _find_publish_hook(self) -> None:
+        # A middleware that traces publishes declares a hook (Tracing does):
+        # the App's own middlewares first, then its routes'.  None: the
+        # process-wide hook, if any (see _instrumentation).
+        self._publisher.hook = publish_hook_of(
+            (*self._config.middlewares, *(m for route in self._routes for m in route.middlewares))
+        )
 
     def on_startup(self, hook: F) -> F:
         """Register ``async def hook(app)`` to run before the consumers start.
@@ -672,7 +684,9 @@ class App:
             route.queues,
             route.vhost,
             handler,
-            (route.settlement or config.settlement, *config.middlewares, *route.middlewares),
+            chain_layers(
+                route.settlement or config.settlement, (*config.middlewares, *route.middlewares)
+            ),
             app=self,
             route=route.name,
             prefetch=config.prefetch_count,

@@ -29,6 +29,7 @@ from typing import Any, TypeAlias
 from pamqp import constants as amqp
 
 from . import _settings
+from ._instrumentation import PublishHook
 from ._settlement import AckRequeue
 from ._supervisor import Backoff, ConnectionEvent
 from ._transports import Connection, ConnectionParams, connect, redact_url
@@ -41,10 +42,12 @@ __all__ = [
     "Connector",
     "Route",
     "KEYWORD_ALIASES",
+    "chain_layers",
     "check_keywords",
     "check_queue_clash",
     "check_route",
     "check_settlement",
+    "publish_hook_of",
     "require_http_extra",
 ]
 
@@ -295,7 +298,57 @@ def check_middlewares(middlewares: object, where: str) -> tuple[AnyMiddleware, .
                 f"{where}: middleware {middleware!r} must be an async callable "
                 "(async def middleware(message, call_next): ...)"
             )
+        for capability in ("around_settlement", "around_handler"):
+            step = getattr(middleware, capability, None)
+            if step is not None and not is_async_callable(step):
+                raise TypeError(
+                    f"{where}: {type(middleware).__name__}.{capability} must be an async "
+                    f"callable (message, call_next), got {step!r}"
+                )
+        hook = getattr(middleware, "publish_hook", None)
+        if hook is not None and not callable(hook):
+            raise TypeError(
+                f"{where}: {type(middleware).__name__}.publish_hook must be a function "
+                f"(vhost, exchange, routing_key, properties) -> context manager, got {hook!r}"
+            )
     return result
+
+
+def chain_layers(
+    settlement: AnyMiddleware, middlewares: Sequence[AnyMiddleware]
+) -> tuple[AnyMiddleware, ...]:
+    """The steps of a route's chain around its handler, outermost first.
+
+    The settlement policy, then ``middlewares``.  A middleware may declare two
+    more steps of its own (in the middlewares' order, each group):
+
+    * ``around_settlement``, run *outside* the settlement policy: it sees the
+      message once it is settled (``Tracing`` ends its span there, with the
+      outcome), while the policy still gets every exception first;
+    * ``around_handler``, run right around the handler, inside every
+      middleware: it sees the handler's exception even when a middleware
+      swallows it (``Retry``), as ``Tracing`` must to record it.
+    """
+    outer = [
+        step
+        for middleware in middlewares
+        if (step := getattr(middleware, "around_settlement", None)) is not None
+    ]
+    inner = [
+        step
+        for middleware in middlewares
+        if (step := getattr(middleware, "around_handler", None)) is not None
+    ]
+    return (*outer, settlement, *middlewares, *inner)
+
+
+def publish_hook_of(middlewares: Iterable[AnyMiddleware]) -> PublishHook | None:
+    """The publish hook the first of ``middlewares`` that declares one offers (``publish_hook``)."""
+    for middleware in middlewares:
+        hook: PublishHook | None = getattr(middleware, "publish_hook", None)
+        if hook is not None:
+            return hook
+    return None
 
 
 def check_settlement(settlement: object, where: str) -> AnyMiddleware:

@@ -26,7 +26,7 @@ if TYPE_CHECKING:
     from ._statistics import AppStatistics
     from ._transports import Channel, Delivery, Properties
 
-__all__ = ["AppHandle", "Batch", "Message", "Settleable", "Settlement"]
+__all__ = ["AppHandle", "Batch", "Message", "Settleable", "Settlement", "mark_republished"]
 
 logger = logging.getLogger("asyncworker")
 
@@ -174,6 +174,7 @@ class Message:
         "_channel",
         "_delivery",
         "_headers",
+        "_republished",
         "_settlement",
         "_state",
         "_tally",
@@ -181,6 +182,9 @@ class Message:
         "queue",
         "vhost",
     )
+
+    # Set by mark_republished() only (unset on most messages: never read directly).
+    _republished: tuple[str, bool]
 
     def __init__(
         self,
@@ -296,6 +300,30 @@ class Message:
         return self._settlement is not None
 
     @property
+    def republished_to(self) -> str | None:
+        """The queue asyncworker published a copy of this message to, or None.
+
+        ``Retry`` sets it when it republished the message for another attempt
+        (to its queue, or to the delay queue) or dead-lettered it (to
+        ``<queue>.dlq``: then ``dead_lettered`` is True too), before it acks
+        this delivery; ``Tracing`` reports the outcome from it.
+        """
+        # The slot is left unset on the hot path: most messages never get one.
+        republished: tuple[str, bool] | None = getattr(self, "_republished", None)
+        return None if republished is None else republished[0]
+
+    @property
+    def dead_lettered(self) -> bool:
+        """Whether asyncworker dead-lettered this message (its copy is in ``republished_to``).
+
+        A message rejected without requeue (``reject(requeue=False)``,
+        ``Retry(dead_letter="dlx")``) is dead-lettered by the broker, if its
+        queue has a dead-letter exchange: that shows as ``Settlement.REJECT``.
+        """
+        republished: tuple[str, bool] | None = getattr(self, "_republished", None)
+        return republished is not None and republished[1]
+
+    @property
     def settlement(self) -> Settlement | None:
         """How it was settled, or None while it is not."""
         return self._settlement
@@ -353,6 +381,16 @@ class Message:
             channel.reject(self._delivery.delivery_tag, False)
             tally.rejected += 1
         return True
+
+
+def mark_republished(message: Message, queue: str, *, dead_letter: bool) -> None:
+    """Record that a copy of ``message`` went to ``queue`` (``dead_letter``: as a dead letter).
+
+    What republishes a message calls it once the copy is confirmed, before it
+    acks the original (``Retry`` does): ``Message.republished_to`` and
+    ``Message.dead_lettered`` read it.
+    """
+    message._republished = (queue, dead_letter)
 
 
 class _BatchOwner(Protocol):

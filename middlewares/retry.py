@@ -10,7 +10,7 @@ from collections.abc import Callable
 from typing import Any, ClassVar, Literal, TypeAlias
 
 from .._chain import CallNext
-from .._message import AppHandle, Message
+from .._message import AppHandle, Message, mark_republished
 from .._util import suggest_keywords
 
 __all__ = ["Retry"]
@@ -235,6 +235,7 @@ class Retry:
             f"in {delay_ms / 1000:g} s (via {target!r})" if delay_ms else "now",
             exc_info=exc,
         )
+        mark_republished(message, target, dead_letter=False)
         await _ack_original(message)
         return True
 
@@ -296,6 +297,7 @@ class Retry:
             dlq,
             exc_info=exc,
         )
+        mark_republished(message, dlq, dead_letter=True)
         await _ack_original(message)
         return True
 

@@ -96,6 +96,27 @@ def test_sync_middleware_is_a_type_error() -> None:
         App(middlewares=[mw])  # type: ignore[list-item]
 
 
+def test_a_declared_step_or_publish_hook_of_the_wrong_kind_is_a_type_error() -> None:
+    # A middleware may declare steps of its own around the settlement policy or
+    # the handler, and a publish hook (Tracing does): they are checked at once.
+    class Declares:
+        def __init__(self, **declared: object) -> None:
+            for name, value in declared.items():
+                setattr(self, name, value)
+
+        async def __call__(self, message: Message, call_next: Any) -> None:
+            await call_next(message)
+
+    def sync_step(message: Message, call_next: Any) -> None:
+        pass
+
+    for name in ("around_settlement", "around_handler"):
+        with pytest.raises(TypeError, match=rf"Declares\.{name} must be an async callable"):
+            App(url="memory://", middlewares=[Declares(**{name: sync_step})])
+    with pytest.raises(TypeError, match=r"Declares\.publish_hook must be a function"):
+        App(url="memory://", middlewares=[Declares(publish_hook="not a hook")])
+
+
 def test_ack_requeue_actions_are_validated() -> None:
     with pytest.raises(TypeError, match="Action"):
         AckRequeue(on_exception="reject")  # type: ignore[arg-type]
