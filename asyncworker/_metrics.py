@@ -146,21 +146,31 @@ class _StatisticsCollector(Collector):
         yield waiting
         yield consuming
 
+        # Every vhost the App consumes has its series from the start, at 0 (the
+        # consumers exist before the supervisors connect, and publishes are
+        # counted from the first one): a series that appears later breaks
+        # rate() and alerts on its absence.
+        vhosts = {
+            **dict.fromkeys(consumer.vhost for consumer in stats.consumers),
+            **dict.fromkeys(stats.connected),
+            **dict.fromkeys(stats.reconnects),
+            **dict.fromkeys(stats.publishes_confirmed),
+            **dict.fromkeys(stats.publishes_failed),
+        }
         up = GaugeMetricFamily(
             "asyncworker_connection_up",
             "1 when the connection to the vhost is open, else 0.",
             labels=["vhost"],
         )
-        for vhost, connected in stats.connected.items():
-            up.add_metric([vhost], 1 if connected else 0)
-        yield up
         reconnects = CounterMetricFamily(
             "asyncworker_reconnects",
             "Reconnections to the vhost since the App started.",
             labels=["vhost"],
         )
-        for vhost, count in stats.reconnects.items():
-            reconnects.add_metric([vhost], count)
+        for vhost in vhosts:
+            up.add_metric([vhost], 1 if stats.connected.get(vhost) else 0)
+            reconnects.add_metric([vhost], stats.reconnects.get(vhost, 0))
+        yield up
         yield reconnects
 
         confirmed = CounterMetricFamily(
@@ -168,16 +178,15 @@ class _StatisticsCollector(Collector):
             "Messages published by App.publish() and confirmed by the broker.",
             labels=["vhost"],
         )
-        for vhost, count in stats.publishes_confirmed.items():
-            confirmed.add_metric([vhost], count)
-        yield confirmed
         failed = CounterMetricFamily(
             "asyncworker_publishes_failed",
             "App.publish() calls that raised (nacked, unroutable, timed out, ...).",
             labels=["vhost"],
         )
-        for vhost, count in stats.publishes_failed.items():
-            failed.add_metric([vhost], count)
+        for vhost in vhosts:
+            confirmed.add_metric([vhost], stats.publishes_confirmed.get(vhost, 0))
+            failed.add_metric([vhost], stats.publishes_failed.get(vhost, 0))
+        yield confirmed
         yield failed
         serving = GaugeMetricFamily(
             "asyncworker_serving", "1 while the App serves (every consumer started), else 0."

@@ -7,7 +7,7 @@ import json
 import pytest
 import trio
 
-from asyncworker import Message
+from asyncworker import App, Message
 
 from ..conftest import Backend, http_get, wait_for
 
@@ -23,6 +23,18 @@ def metric(text: str, name: str, **labels: str) -> float:
     raise AssertionError(f"{prefix!r} not in the metrics:\n{text}")
 
 
+async def get_while_serving(app: App, path: str) -> tuple[int, bytes]:
+    """Serve ``app``, GET ``path`` from its HTTP server once it serves, shut it down."""
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(app.serve)
+            assert app.http_url is not None
+            try:
+                return await http_get(app.http_url, path)
+            finally:
+                await app.shutdown()
+
+
 async def test_health_503_names_the_reason(backend: Backend) -> None:
     broker = backend.broker
     app = backend.app(http="127.0.0.1:0")
@@ -32,17 +44,10 @@ async def test_health_503_names_the_reason(backend: Backend) -> None:
     async def handler(message: Message) -> None:
         pass
 
-    with trio.fail_after(30):
-        async with trio.open_nursery() as nursery:
-            await nursery.start(app.serve)
-            assert app.http_url is not None
-            code, body = await http_get(app.http_url, "/health/ready")
-            assert code == 503
-            reasons = json.loads(body)["reasons"]
-            assert reasons == [
-                f"queue {missing!r} in vhost '/': queue {missing!r} not found in vhost '/'"
-            ]
-            await app.shutdown()
+    code, body = await get_while_serving(app, "/health/ready")
+    assert code == 503
+    reasons = json.loads(body)["reasons"]
+    assert reasons == [f"queue {missing!r} in vhost '/': queue {missing!r} not found in vhost '/'"]
 
 
 async def test_metrics_match_what_was_published_and_how_it_was_settled(
@@ -85,3 +90,27 @@ async def test_metrics_match_what_was_published_and_how_it_was_settled(
     assert metric(text, "asyncworker_publishes_confirmed_total", vhost="/") == 5
     route = "test_metrics_match_what_was_published_and_how_it_was_settled.<locals>.handler"
     assert metric(text, "asyncworker_handler_duration_seconds_count", route=route, vhost="/") == 6
+
+
+async def test_every_metric_family_has_its_series_before_anything_happens(
+    backend: Backend,
+) -> None:
+    queue = await backend.broker.declare()
+    app = backend.app(http="127.0.0.1:0")
+
+    @app.route([queue])
+    async def handler(message: Message) -> None:
+        pass
+
+    code, raw = await get_while_serving(app, "/metrics")
+    assert code == 200
+    text = raw.decode()
+    labels = {"vhost": "/", "queue": queue}
+    for name in ("received", "acked", "requeued", "rejected", "lost"):
+        assert metric(text, f"asyncworker_messages_{name}_total", **labels) == 0
+    assert metric(text, "asyncworker_reconnects_total", vhost="/") == 0
+    # Nothing published yet: the counters are there, at 0, for every vhost consumed.
+    assert metric(text, "asyncworker_publishes_confirmed_total", vhost="/") == 0
+    assert metric(text, "asyncworker_publishes_failed_total", vhost="/") == 0
+    route = "test_every_metric_family_has_its_series_before_anything_happens.<locals>.handler"
+    assert metric(text, "asyncworker_handler_duration_seconds_count", route=route, vhost="/") == 0
