@@ -2,6 +2,8 @@
 
 asyncworker logs through the standard ``logging`` module, under the logger
 ``"asyncworker"``; it never configures logging when used as a library.
+``JsonFormatter`` adds the ids of the OpenTelemetry span active when a record
+was formatted, if OpenTelemetry is loaded at all (it never imports it).
 ``App.run()`` calls ``configure_logging()`` so that a worker started from the
 command line logs something sensible: text by default, JSON with
 ``ASYNCWORKER_LOG_FORMAT=json``, at the level ``ASYNCWORKER_LOG_LEVEL`` says.
@@ -33,9 +35,15 @@ class JsonFormatter(logging.Formatter):
 
     Keys: ``time`` (ISO 8601, UTC), ``level``, ``logger``, ``message``, then
     every ``extra`` field of the record (such as the ``queue``, ``outcome`` and
-    ``duration_ms`` of the ``Logging`` middleware), and ``exception`` (the
-    formatted traceback) when there is one.  Values JSON cannot encode are
-    written as their ``str()``.
+    ``duration_ms`` of the ``Logging`` middleware), ``trace_id`` and
+    ``span_id`` (lowercase hex, as W3C ``traceparent`` writes them) when an
+    OpenTelemetry span is active (a handler's, under the ``Tracing``
+    middleware), and ``exception`` (the formatted traceback) when there is
+    one.  Values JSON cannot encode are written as their ``str()``.
+
+    The span is the one current in the thread that formats the record: a
+    handler that passes records to another thread (``QueueHandler``) should
+    format them before, or set the ids as ``extra`` fields itself.
     """
 
     def format(self, record: logging.LogRecord) -> str:
@@ -50,6 +58,13 @@ class JsonFormatter(logging.Formatter):
         for key, value in record.__dict__.items():
             if key not in _STANDARD and not key.startswith("_"):
                 data[key] = value
+        # Only if the application loaded OpenTelemetry: a lookup, never an import.
+        otel_trace = sys.modules.get("opentelemetry.trace")
+        if otel_trace is not None:
+            span = otel_trace.get_current_span().get_span_context()
+            if span.is_valid:
+                data["trace_id"] = format(span.trace_id, "032x")
+                data["span_id"] = format(span.span_id, "016x")
         if record.exc_info:
             data["exception"] = self.formatException(record.exc_info)
         elif record.exc_text:

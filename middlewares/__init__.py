@@ -10,9 +10,14 @@ A middleware is any async callable ``(message, call_next)``.  The ones here:
 * ``Timeout``: cancels a handler that runs too long and raises ``HandlerTimeout``.
 * ``Retry``: retries a failing message a bounded number of times (optionally
   after a delay), then dead-letters it.
+* ``Tracing``: OpenTelemetry spans for every message handled and published
+  (needs the ``otel`` extra: it is imported on first use, so that this
+  package imports without it).
 
 See docs/middlewares.md for their order and how to write one.
 """
+
+from typing import TYPE_CHECKING, Any
 
 from .ack_requeue import AckRequeue as AckRequeue
 from .ack_requeue import Action as Action
@@ -21,4 +26,19 @@ from .retry import Retry as Retry
 from .timeout import Timeout as Timeout
 from .timing import Timing as Timing
 
-__all__ = ["AckRequeue", "Action", "Logging", "Retry", "Timeout", "Timing"]
+if TYPE_CHECKING:
+    from .tracing import Tracing as Tracing
+
+__all__ = ["AckRequeue", "Action", "Logging", "Retry", "Timeout", "Timing", "Tracing"]
+
+
+def __getattr__(name: str) -> Any:
+    # Tracing needs OpenTelemetry (the 'otel' extra): loaded when first asked
+    # for, so that the other middlewares never need it.  Without the extra,
+    # `from asyncworker.middlewares import Tracing` raises an ImportError that
+    # says what to install.
+    if name == "Tracing":
+        from .tracing import Tracing
+
+        return Tracing
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

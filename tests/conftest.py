@@ -19,7 +19,10 @@ Fixtures shared by the suite:
 * ``mem``: a fresh ``MemoryBroker``, registered so that its ``url`` reaches it;
 * ``backend``: the contract suite's broker (``tests/contract/``), once per
   backend: ``memory`` and ``rabbitmq`` (that parameter carries the
-  ``rabbitmq`` mark, so it skips or fails as above).  Both must answer alike.
+  ``rabbitmq`` mark, so it skips or fails as above).  Both must answer alike;
+* ``spans``: an OpenTelemetry SDK tracer provider of the test's own, whose
+  finished spans an in-memory exporter keeps (the global provider is never
+  set: it can be set only once per process).
 """
 
 from __future__ import annotations
@@ -311,6 +314,36 @@ async def backend(request: pytest.FixtureRequest) -> AsyncIterator[Backend]:
     else:
         async with open_broker(BROKER_URL) as broker:
             yield Backend("rabbitmq", BROKER_URL, broker)
+
+
+@dataclass
+class Spans:
+    """A tracer provider of one test and the spans it finished."""
+
+    provider: Any
+    exporter: Any
+
+    def finished(self, kind: str | None = None) -> list[Any]:
+        """The finished spans (``ReadableSpan``), oldest first; only of ``kind``
+        (``"CONSUMER"``, ``"PRODUCER"``) if given."""
+        spans = list(self.exporter.get_finished_spans())
+        return [s for s in spans if kind is None or s.kind.name == kind]
+
+
+@pytest.fixture
+def spans() -> Iterator[Spans]:
+    """A ``TracerProvider`` of this test's own, with an in-memory exporter."""
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    try:
+        yield Spans(provider, exporter)
+    finally:
+        provider.shutdown()
 
 
 async def serve_until(app: App, condition: Any, timeout: float = 15) -> None:
