@@ -583,6 +583,8 @@ MIDDLEWARE_VARIANTS = (
     ("middlewares", "+mw"),
     ("mw-queue", "+mw-queue"),
     ("mw-debug", "+mw-debug"),
+    ("tracing", "+tracing"),
+    ("tracing-noop", "+tracing-noop"),
 )
 
 
@@ -674,7 +676,7 @@ MODES: dict[str, Mode] = {
         ),
         Mode(
             "middlewares",
-            "asyncworker: the default chain against Logging and Timing",
+            "asyncworker: the default chain against Logging and Timing, and Tracing",
             "consume",
             middleware_jobs,
             (("variant", "", "x default chain"),),

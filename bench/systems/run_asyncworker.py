@@ -10,7 +10,13 @@ The other variants, for the ``middlewares`` mode, add standard middlewares:
   ``QueueListener`` thread writes to the file (the stdlib's recipe for keeping
   file writes off the event loop);
 * ``mw-debug``: ``Logging(level=DEBUG)`` with the logger at INFO, so that only
-  failures would be written (none here), and ``Timing``.
+  failures would be written (none here), and ``Timing``;
+* ``tracing``: ``Tracing`` alone, on an OpenTelemetry SDK ``TracerProvider``
+  whose ``SimpleSpanProcessor`` hands every span, as it ends, to an exporter
+  that drops it: the whole in-process cost of a recorded span (building,
+  attributes, ending, the processor), without the network of a real exporter;
+* ``tracing-noop``: ``Tracing`` on the API's no-op provider: what the
+  middleware costs when tracing is off (or the span is not sampled).
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ import tempfile
 from typing import Any
 
 import trio
-from _common import Meter, parse_args
+from _common import Meter, parse_args, unsupported
 from _project import make_app
 
 from asyncworker import Message
@@ -35,10 +41,37 @@ meter = Meter(args)
 listener: logging.handlers.QueueListener | None = None
 
 
+def build_tracing(variant: str) -> list[Any]:
+    try:
+        from opentelemetry import trace
+        from opentelemetry.sdk.trace import TracerProvider
+        from opentelemetry.sdk.trace.export import (
+            SimpleSpanProcessor,
+            SpanExporter,
+            SpanExportResult,
+        )
+
+        from asyncworker.middlewares import Tracing
+    except (ImportError, AttributeError) as exc:
+        unsupported("asyncworker", f"no Tracing middleware or OpenTelemetry SDK here ({exc})")
+    if variant == "tracing-noop":
+        return [Tracing(trace.NoOpTracerProvider())]
+
+    class Drop(SpanExporter):
+        def export(self, spans: Any) -> SpanExportResult:
+            return SpanExportResult.SUCCESS
+
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(Drop()))
+    return [Tracing(provider)]
+
+
 def build_middlewares(variant: str) -> tuple[list[Any], str | None]:
     global listener
     if variant == "default":
         return [], None
+    if variant in ("tracing", "tracing-noop"):
+        return build_tracing(variant), None
     if variant not in ("timing", "middlewares", "mw-queue", "mw-debug"):
         raise SystemExit(f"unknown variant {variant!r}")
     from asyncworker.middlewares import Logging, Timing
