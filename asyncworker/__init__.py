@@ -60,6 +60,7 @@ from ._exceptions import AuthenticationError as AuthenticationError
 from ._exceptions import ChannelClosed as ChannelClosed
 from ._exceptions import ConnectError as ConnectError
 from ._exceptions import ConnectionClosed as ConnectionClosed
+from ._exceptions import ExchangeNotFound as ExchangeNotFound
 from ._exceptions import HandlerTimeout as HandlerTimeout
 from ._exceptions import MessageDecodeError as MessageDecodeError
 from ._exceptions import PublishError as PublishError
@@ -99,6 +100,7 @@ __all__ = [
     "ConnectionClosed",
     "ConnectionEvent",
     "ConsumerStatistics",
+    "ExchangeNotFound",
     "Handler",
     "HandlerTimeout",
     "JsonFormatter",

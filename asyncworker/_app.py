@@ -733,7 +733,7 @@ class App:
         broker confirmed the message; raises ``PublishNacked`` if it refused
         it, ``Unroutable`` if no queue was bound to receive it (a mistyped
         queue name: ``mandatory=False`` lets the broker drop such a message
-        instead), ``QueueNotFound`` if the exchange does not exist.  While the App is
+        instead), ``ExchangeNotFound`` if the exchange does not exist.  While the App is
         serving, a publish interrupted by a lost connection is retried on the
         next one, for up to ``timeout`` seconds; then ``PublishTimeout``.
         """

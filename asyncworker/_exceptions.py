@@ -7,7 +7,8 @@ The hierarchy::
     │   └── AuthenticationError      the broker refused the user or password
     ├── ConnectionClosed             an open connection was lost or closed by the broker
     ├── ChannelClosed                the broker closed a channel (reply_code / reply_text say why)
-    │   └── QueueNotFound            a queue or exchange that was used does not exist (404)
+    │   ├── QueueNotFound            a queue that was used does not exist (404)
+    │   └── ExchangeNotFound         an exchange that was used does not exist (404)
     ├── PublishError                 a publish was not accepted
     │   ├── PublishNacked            the broker answered basic.nack to a confirmed publish
     │   ├── Unroutable               a mandatory publish was returned: no queue was bound
@@ -29,6 +30,7 @@ __all__ = [
     "ChannelClosed",
     "ConnectError",
     "ConnectionClosed",
+    "ExchangeNotFound",
     "HandlerTimeout",
     "MessageDecodeError",
     "PublishError",
@@ -89,7 +91,21 @@ class ChannelClosed(AsyncWorkerError):
 
 
 class QueueNotFound(ChannelClosed):
-    """A queue or exchange that was used does not exist (AMQP 404 NOT_FOUND)."""
+    """A queue that was used does not exist (AMQP 404 NOT_FOUND).
+
+    Raised by consuming, ``basic.get``, a passive declaration, or a binding
+    of a queue that does not exist.  A missing exchange is an
+    ``ExchangeNotFound``.
+    """
+
+
+class ExchangeNotFound(ChannelClosed):
+    """An exchange that was used does not exist (AMQP 404 NOT_FOUND).
+
+    Raised by a publish to a missing exchange, a binding to one, or a passive
+    declaration of one.  Declare it (``Exchange(...)`` in a ``Binding``, or
+    ``App.declare``), or fix its name.
+    """
 
 
 class PublishError(AsyncWorkerError):

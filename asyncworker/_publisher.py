@@ -46,6 +46,7 @@ from ._exceptions import (
     ChannelClosed,
     ConnectError,
     ConnectionClosed,
+    ExchangeNotFound,
     PublishTimeout,
     QueueNotFound,
 )
@@ -267,7 +268,7 @@ class Publisher:
             try:
                 channel = await self._held_channel(vhost)
             except (ConnectionClosed, ChannelClosed, ConnectError) as exc:
-                if isinstance(exc, QueueNotFound | AuthenticationError):
+                if isinstance(exc, QueueNotFound | ExchangeNotFound | AuthenticationError):
                     raise
                 # Retried until the caller's timeout (the broker may be
                 # restarting: the consumers' supervisor reconnects meanwhile).
@@ -305,7 +306,7 @@ class Publisher:
             return True
         # A 404 naming another exchange: a concurrent publish on the shared
         # channel used a missing exchange, which closed the channel under this one.
-        return isinstance(exc, QueueNotFound) and f"'{exchange}'" not in exc.reply_text
+        return isinstance(exc, ExchangeNotFound) and f"'{exchange}'" not in exc.reply_text
 
     async def _held_channel(self, vhost: str) -> Channel:
         channel = self._channels.get(vhost)

@@ -35,6 +35,7 @@ from urllib.parse import quote
 import trio
 
 from ._transports import Channel, Connection, ConnectionParams, Properties
+from ._transports.memory import ConsumerInfo as ConsumerInfo
 from ._transports.memory import MemoryBroker as MemoryBroker
 from ._transports.memory import QueueStats as QueueStats
 from ._transports.memory import connect as connect_memory
@@ -43,7 +44,7 @@ from ._util import raise_single, wait_first
 if TYPE_CHECKING:
     from ._app import App
 
-__all__ = ["MemoryBroker", "QueueStats", "TestClient"]
+__all__ = ["ConsumerInfo", "MemoryBroker", "QueueStats", "TestClient"]
 
 #: The URL the App shows (in logs, ``app.url``) while a TestClient runs it;
 #: its connector, not this name, takes every connection to the client's broker.

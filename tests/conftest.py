@@ -163,10 +163,22 @@ class Broker:
         self.channel = channel
         self.url = url
         self.declared: list[str] = []
+        self.exchanges: list[str] = []
 
     def queue_name(self, prefix: str = "q") -> str:
         name = unique(prefix)
         self.declared.append(name)
+        return name
+
+    def exchange_name(self, prefix: str = "ex") -> str:
+        """A unique exchange name, deleted after the test (declare it or let an App)."""
+        name = unique(prefix)
+        self.exchanges.append(name)
+        return name
+
+    async def declare_exchange(self, prefix: str = "ex", kind: str = "direct") -> str:
+        name = self.exchange_name(prefix)
+        await self.channel.exchange_declare(name, kind, durable=True)
         return name
 
     async def declare(self, prefix: str = "q", **arguments: Any) -> str:
@@ -242,6 +254,7 @@ async def open_broker(url: str = BROKER_URL, vhost: str | None = None) -> AsyncI
             with trio.CancelScope(shield=True), trio.move_on_after(10):
                 cleanup = channel if channel.is_open else await connection.channel()
                 await delete_queues(connection, cleanup, broker.declared)
+                await delete_exchanges(connection, broker.exchanges)
 
 
 async def delete_queues(connection: Connection, channel: Channel, names: list[str]) -> None:
@@ -254,6 +267,16 @@ async def delete_queues(connection: Connection, channel: Channel, names: list[st
             except Exception:
                 if not channel.is_open:
                     channel = await connection.channel()
+
+
+async def delete_exchanges(connection: Connection, names: list[str]) -> None:
+    """Delete the exchanges ``names`` (a missing one is no error)."""
+    if not names:
+        return
+    channel = await connection.channel()
+    for name in names:
+        await channel.exchange_delete(name)
+    await channel.close()
 
 
 @pytest.fixture
@@ -291,6 +314,51 @@ class Backend:
     def app(self, prefetch_count: int = 16, **kwargs: Any) -> App:
         """An App on this backend."""
         return App(url=self.url, prefetch_count=prefetch_count, **kwargs)
+
+    async def consumers(self, queue: str, vhost: str = "/") -> list[tuple[int, bool]]:
+        """``(prefetch_count, active)`` of each consumer of ``queue``, as
+        ``rabbitmqctl list_consumers`` shows them (sorted, since RabbitMQ lists
+        them in no particular order)."""
+        if self.memory is not None:
+            infos = self.memory.consumers(vhost, queue)
+            return sorted((info.prefetch_count, info.active) for info in infos)
+        listing = await trio.to_thread.run_sync(
+            rabbitmqctl,
+            "list_consumers",
+            "-q",
+            "--no-table-headers",
+            "-p",
+            vhost,
+            "queue_name",
+            "prefetch_count",
+            "active",
+        )
+        found = []
+        for line in listing.splitlines():
+            name, prefetch, active = line.split("\t")
+            if name == queue:
+                found.append((int(prefetch), active.strip() == "true"))
+        return sorted(found)
+
+    async def queue_type(self, queue: str, vhost: str = "/") -> str:
+        """``classic`` or ``quorum``, as the broker reports the queue."""
+        if self.memory is not None:
+            return str(self.memory.queue_arguments(vhost, queue).get("x-queue-type", "classic"))
+        listing = await trio.to_thread.run_sync(
+            rabbitmqctl, "list_queues", "-q", "--no-table-headers", "-p", vhost, "name", "type"
+        )
+        for line in listing.splitlines():
+            name, kind = line.split("\t")
+            if name == queue:
+                return kind.strip()
+        raise KeyError(f"no queue {queue!r} in vhost {vhost!r}")
+
+    async def close_connections(self, name: str) -> None:
+        """Close the broker's connections named ``name``, as an operator would."""
+        if self.memory is not None:
+            assert self.memory.close_connections(name), f"no connection named {name!r}"
+        else:
+            await trio.to_thread.run_sync(close_broker_connections, name)
 
     @contextmanager
     def vhost(self) -> Iterator[str]:

@@ -15,6 +15,7 @@ from asyncworker._exceptions import (
     ChannelClosed,
     ConnectError,
     ConnectionClosed,
+    ExchangeNotFound,
     PublishNacked,
     QueueNotFound,
     Unroutable,
@@ -566,33 +567,33 @@ async def test_connection_close_returns_each_message_once(mem: MemoryBroker) -> 
 
 async def test_missing_queue_and_exchange_are_404(mem: MemoryBroker) -> None:
     async with opened(mem) as conn:
-        cases: list[Callable[[Channel], Awaitable[object]]] = [
-            lambda ch: ch.consume("nope", lambda d: None),
-            lambda ch: ch.queue_declare("nope", passive=True),
-            lambda ch: ch.get("nope"),
-            lambda ch: ch.queue_purge("nope"),
-            lambda ch: ch.queue_bind("nope", "amq.direct"),
-            lambda ch: ch.exchange_declare("nope", passive=True),
-            lambda ch: ch.publish(b"x", exchange="nope"),
+        cases: list[tuple[type[ChannelClosed], Callable[[Channel], Awaitable[object]]]] = [
+            (QueueNotFound, lambda ch: ch.consume("nope", lambda d: None)),
+            (QueueNotFound, lambda ch: ch.queue_declare("nope", passive=True)),
+            (QueueNotFound, lambda ch: ch.get("nope")),
+            (QueueNotFound, lambda ch: ch.queue_purge("nope")),
+            (QueueNotFound, lambda ch: ch.queue_bind("nope", "amq.direct")),
+            (ExchangeNotFound, lambda ch: ch.exchange_declare("nope", passive=True)),
+            (ExchangeNotFound, lambda ch: ch.publish(b"x", exchange="nope")),
         ]
-        for case in cases:
+        for kind, case in cases:
             ch = await conn.channel()
-            with pytest.raises(QueueNotFound) as info:
+            with pytest.raises(kind) as info:
                 await case(ch)
             assert info.value.reply_code == 404
             assert "NOT_FOUND" in info.value.reply_text
             assert not ch.is_open
-            assert isinstance(ch.close_reason, QueueNotFound)
-            with pytest.raises(QueueNotFound):
+            assert isinstance(ch.close_reason, kind)
+            with pytest.raises(kind):
                 await ch.queue_declare("other")
         # In confirm mode too; and a bound queue with a missing exchange.
         ch = await conn.channel()
         await ch.confirm_select()
         await ch.queue_declare("q")
-        with pytest.raises(QueueNotFound, match="no exchange 'nope'"):
+        with pytest.raises(ExchangeNotFound, match="no exchange 'nope'"):
             await ch.publish(b"x", exchange="nope")
         ch = await conn.channel()
-        with pytest.raises(QueueNotFound, match="no exchange 'nope'"):
+        with pytest.raises(ExchangeNotFound, match="no exchange 'nope'"):
             await ch.queue_bind("q", "nope")
         assert conn.is_open
 

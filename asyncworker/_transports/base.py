@@ -198,6 +198,16 @@ class Channel(Protocol):
         arguments: Mapping[str, Any] | None = None,
     ) -> None: ...
 
+    async def queue_unbind(
+        self,
+        queue: str,
+        exchange: str,
+        routing_key: str = "",
+        arguments: Mapping[str, Any] | None = None,
+    ) -> None:
+        """Remove a binding (``queue.unbind``); removing one that does not exist is no error."""
+        ...
+
     async def exchange_declare(
         self,
         exchange: str,

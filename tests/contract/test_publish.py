@@ -15,7 +15,7 @@ import random
 import pytest
 import trio
 
-from asyncworker import App, Message, QueueNotFound, Unroutable
+from asyncworker import App, ExchangeNotFound, Message, Unroutable
 from asyncworker.middlewares import Retry
 
 from ..conftest import Backend, serving, unique, wait_for
@@ -48,7 +48,7 @@ async def test_publish_errors_are_clear_and_fast(backend: Backend) -> None:
 
     with trio.fail_after(20):
         async with serving(app):
-            with trio.fail_after(5), pytest.raises(QueueNotFound, match="no-such-exchange"):
+            with trio.fail_after(5), pytest.raises(ExchangeNotFound, match="no-such-exchange"):
                 await app.publish(b"x", exchange="aw-no-such-exchange", routing_key="k")
             with trio.fail_after(5), pytest.raises(Unroutable, match="NO_ROUTE"):
                 await app.publish(b"x", routing_key=unique("nowhere"))

@@ -35,6 +35,7 @@ from pamqp.exceptions import AMQPNotFound
 from ..._exceptions import (
     ChannelClosed,
     ConnectionClosed,
+    ExchangeNotFound,
     PublishNacked,
     QueueNotFound,
     Unroutable,
@@ -58,6 +59,7 @@ from .codec import (
     GET_OK,
     QUEUE_BIND,
     QUEUE_DECLARE,
+    QUEUE_UNBIND,
     RETURN,
     ProtocolError,
     arguments_frame,
@@ -134,9 +136,35 @@ class ChannelStatistics:
     unconfirmed: int
 
 
-def channel_error(reply_text: str, reply_code: int) -> ChannelClosed:
-    """The exception for a ``channel.close`` from the broker (``QueueNotFound`` for 404)."""
+#: The methods whose 404 means a missing exchange, by ``class_id << 16 | method_id``
+#: (``channel.close`` names the method that failed): publishing to it, declaring or
+#: deleting it.  The queue methods (consume, get, declare, purge, delete) mean a
+#: missing queue; a binding can miss either, and there only the broker's text says which.
+_EXCHANGE_METHODS: Final = frozenset(
+    {
+        commands.Basic.Publish.index,
+        commands.Exchange.Declare.index,
+        commands.Exchange.Delete.index,
+    }
+)
+_BINDING_METHODS: Final = frozenset({commands.Queue.Bind.index, commands.Queue.Unbind.index})
+
+
+def channel_error(
+    reply_text: str, reply_code: int, class_id: int = 0, method_id: int = 0
+) -> ChannelClosed:
+    """The exception for a ``channel.close`` from the broker.
+
+    A 404 is a ``QueueNotFound`` or an ``ExchangeNotFound``, told apart by
+    the method the broker names as the one that failed (``class_id``,
+    ``method_id``); only for a binding, which names both, by its text.
+    """
     if reply_code == AMQPNotFound.value:
+        index = class_id << 16 | method_id
+        if index in _EXCHANGE_METHODS or (
+            index in _BINDING_METHODS and "no exchange" in reply_text
+        ):
+            return ExchangeNotFound(reply_text, reply_code)
         return QueueNotFound(reply_text, reply_code)
     return ChannelClosed(reply_text, reply_code)
 
@@ -497,6 +525,18 @@ class AMQPChannel(CloseOnce):
         frame = arguments_frame(self._id, QUEUE_BIND, names, (False,), arguments)  # no-wait
         await self._rpc(frame, commands.Queue.BindOk)
 
+    async def queue_unbind(
+        self,
+        queue: str,
+        exchange: str,
+        routing_key: str = "",
+        arguments: Mapping[str, Any] | None = None,
+    ) -> None:
+        """Remove a binding of a queue to an exchange (a missing binding is no error)."""
+        names = (queue, exchange, routing_key)
+        frame = arguments_frame(self._id, QUEUE_UNBIND, names, (), arguments)  # no bits
+        await self._rpc(frame, commands.Queue.UnbindOk)
+
     async def exchange_declare(
         self,
         exchange: str,
@@ -579,7 +619,14 @@ class AMQPChannel(CloseOnce):
             self._on_cancel(method.consumer_tag or "")
         elif isinstance(method, commands.Channel.Close):
             self._conn.push(method_frame(self._id, commands.Channel.CloseOk()))
-            self.mark_closed(channel_error(method.reply_text or "", method.reply_code or 0))
+            self.mark_closed(
+                channel_error(
+                    method.reply_text or "",
+                    method.reply_code or 0,
+                    method.class_id or 0,
+                    method.method_id or 0,
+                )
+            )
             if not self._closing:
                 self._conn.release(self._id)
             # else: both sides closed at once and the broker will still answer

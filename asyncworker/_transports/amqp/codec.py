@@ -49,6 +49,7 @@ __all__ = [
     "HEARTBEAT_FRAME",
     "QUEUE_BIND",
     "QUEUE_DECLARE",
+    "QUEUE_UNBIND",
     "RETURN",
     "ProtocolError",
     "arguments_frame",
@@ -78,6 +79,7 @@ BASIC_NACK: Final[int] = commands.Basic.Nack.index
 BASIC_CONSUME: Final[int] = commands.Basic.Consume.index
 QUEUE_DECLARE: Final[int] = commands.Queue.Declare.index
 QUEUE_BIND: Final[int] = commands.Queue.Bind.index
+QUEUE_UNBIND: Final[int] = commands.Queue.Unbind.index
 EXCHANGE_DECLARE: Final[int] = commands.Exchange.Declare.index
 
 frame_head = struct.Struct(">BHI")
@@ -148,10 +150,11 @@ def arguments_frame(
 ) -> bytes:
     """A method frame laid out as ``reserved-1 (short), shortstr..., bits, arguments``.
 
-    ``basic.consume``, ``queue.declare``, ``queue.bind`` and
-    ``exchange.declare`` all have this layout; ``index`` is
+    ``basic.consume``, ``queue.declare``, ``queue.bind``, ``queue.unbind``
+    and ``exchange.declare`` all have this layout; ``index`` is
     ``class_id << 16 | method_id``, ``flags`` are the bit fields in the
-    spec's order (the first is the lowest bit).  Encoded here rather than by
+    spec's order (the first is the lowest bit); ``queue.unbind`` has none,
+    and no bits octet is written then.  Encoded here rather than by
     pamqp so that the arguments go through :func:`field_table`: an argument
     that cannot be encoded raises before anything is sent.
     """
@@ -163,7 +166,7 @@ def arguments_frame(
             u32.pack(index),
             b"\x00\x00",  # reserved-1 (ticket)
             *(_shortstr(name) for name in names),
-            u8.pack(bits),
+            u8.pack(bits) if flags else b"",
             field_table(arguments or {}),
         )
     )

@@ -21,14 +21,34 @@ import itertools
 import logging
 import math
 import secrets
-from typing import Any
+from typing import Any, Final, Protocol
 
+import pamqp.exceptions
 import trio
 
 from ..base import Connection, Delivery
-from .model import Queue, QueueStats, VHost, current_time
+from .model import ConsumerInfo, Queue, QueueStats, VHost, current_time
 
-__all__ = ["MemoryBroker", "QueueStats", "get_broker", "register_broker", "unregister_broker"]
+__all__ = [
+    "ConsumerInfo",
+    "MemoryBroker",
+    "QueueStats",
+    "get_broker",
+    "register_broker",
+    "unregister_broker",
+]
+
+#: The reply code of a connection closed by an operator (``rabbitmqctl close_connection``).
+CONNECTION_FORCED: Final[int] = pamqp.exceptions.AMQPConnectionForced.value
+
+
+class _Hosted(Connection, Protocol):
+    """What the broker needs of an open connection (``transport.MemoryConnection``)."""
+
+    def force_close(self, reply_code: int, reply_text: str) -> None:
+        """Close the connection from the broker's side, as an operator would."""
+        ...
+
 
 logger = logging.getLogger("asyncworker.memory")
 
@@ -51,7 +71,7 @@ class MemoryBroker:
         self.name: str | None = None
         self._vhosts: dict[str, VHost] = {"/": self._new_vhost("/")}
         # The open connections that can host the timer: their nursery and trio run.
-        self._hosts: dict[Connection, tuple[trio.Nursery, trio.lowlevel.TrioToken]] = {}
+        self._hosts: dict[_Hosted, tuple[trio.Nursery, trio.lowlevel.TrioToken]] = {}
         # Expiry timer: a heap of (deadline, seq, queue), driven by one task
         # hosted in the nursery of one open connection at a time.
         self._heap: list[tuple[float, int, Queue]] = []
@@ -83,6 +103,26 @@ class MemoryBroker:
     def vhosts(self) -> list[str]:
         """The names of the vhosts, sorted."""
         return sorted(self._vhosts)
+
+    def close_connections(
+        self, name: str | None = None, reason: str = "closed by the memory broker"
+    ) -> int:
+        """Close the open connections named ``name`` (every one when None); return how many.
+
+        As ``rabbitmqctl close_connection``: each closes with 320
+        CONNECTION_FORCED and ``reason``, its channels' unacknowledged
+        deliveries go back to their queues, and a supervised App reconnects.
+        ``name`` is the connection name a client gave (``App(name=...)``;
+        ``ConnectionParams.client_name``).
+        """
+        closing = [
+            connection
+            for connection in self._hosts
+            if connection.is_open and (name is None or connection.params.client_name == name)
+        ]
+        for connection in closing:
+            connection.force_close(CONNECTION_FORCED, f"CONNECTION_FORCED - {reason}")
+        return len(closing)
 
     def reset(self) -> None:
         """Forget every queue, exchange and vhost except an empty ``/``.
@@ -133,11 +173,36 @@ class MemoryBroker:
         """The ``(exchange, routing_key)`` bindings of a queue, the default one excluded."""
         q = self._queue(vhost, queue)
         return sorted(
-            (exchange.name, routing_key)
+            (exchange.name, binding.routing_key)
             for exchange in self._vhosts[vhost].exchanges.values()
-            for (routing_key, _), bound in exchange.bindings.items()
-            if bound is q
+            for binding in exchange.bindings.values()
+            if binding.queue is q
         )
+
+    def exchange_type(self, vhost: str, exchange: str) -> str:
+        """The type of an exchange (``direct``, ``fanout``, ``topic``, ``headers``).
+
+        Raises ``KeyError`` if it does not exist.
+        """
+        found = self._vhosts[vhost].exchange(exchange)
+        if found is None:
+            raise KeyError(f"no exchange {exchange!r} in vhost {vhost!r}")
+        return found.kind
+
+    def consumers(self, vhost: str, queue: str) -> list[ConsumerInfo]:
+        """The consumers of a queue in registration order, as ``rabbitmqctl list_consumers``
+        shows them: tag, prefetch and whether it is active (with
+        ``x-single-active-consumer``, only the first one is)."""
+        q = self._queue(vhost, queue)
+        return [
+            ConsumerInfo(
+                tag=c.tag,
+                prefetch_count=c.prefetch,
+                active=not q.single_active or i == 0,
+                unacked=c.unacked,
+            )
+            for i, c in enumerate(q.consumers)
+        ]
 
     def queue_size(self, vhost: str, queue: str) -> int:
         """The number of ready messages (expired ones are removed first)."""
@@ -306,7 +371,7 @@ class MemoryBroker:
         """The vhost a connection opens, or None if it does not exist."""
         return self._vhosts.get(name)
 
-    def _attach(self, connection: Connection, nursery: trio.Nursery) -> None:
+    def _attach(self, connection: _Hosted, nursery: trio.Nursery) -> None:
         """A connection opened: it may host the timer task in ``nursery``.
 
         The timer moves to it unless an open connection of the same
@@ -318,14 +383,14 @@ class MemoryBroker:
         if owner is None or not owner.is_open or self._timer_token is not token:
             self._start_timer(connection)
 
-    def _start_timer(self, connection: Connection) -> None:
+    def _start_timer(self, connection: _Hosted) -> None:
         self._wake_timer()
         nursery, token = self._hosts[connection]
         self._timer_owner = connection
         self._timer_token = token
         nursery.start_soon(self._run_timer, connection)
 
-    def _detach(self, connection: Connection) -> None:
+    def _detach(self, connection: _Hosted) -> None:
         """A connection closed: hand the timer to another one of the same run, if any."""
         host = self._hosts.pop(connection, None)
         if self._timer_owner is connection:

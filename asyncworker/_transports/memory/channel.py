@@ -22,7 +22,14 @@ import pamqp.exceptions
 import trio
 from pamqp.constants import REPLY_SUCCESS
 
-from ..._exceptions import ChannelClosed, ConnectionClosed, PublishNacked, QueueNotFound, Unroutable
+from ..._exceptions import (
+    ChannelClosed,
+    ConnectionClosed,
+    ExchangeNotFound,
+    PublishNacked,
+    QueueNotFound,
+    Unroutable,
+)
 from ..base import (
     CancelCallback,
     CloseOnce,
@@ -33,7 +40,15 @@ from ..base import (
     fresh,
 )
 from ..params import ConnectionParams
+from .arguments import (
+    EXCHANGE_TYPES,
+    Refusal,
+    check_exchange_equivalent,
+    check_queue_equivalent,
+    queue_settings,
+)
 from .model import Consumer, Exchange, Message, Queue, VHost, copy_properties, current_time
+from .routing import check_x_match
 
 if TYPE_CHECKING:
     from ..base import Channel
@@ -51,23 +66,6 @@ RESOURCE_LOCKED: Final[int] = pamqp.exceptions.AMQPResourceLocked.value
 PRECONDITION_FAILED: Final[int] = pamqp.exceptions.AMQPPreconditionFailed.value
 COMMAND_INVALID: Final[int] = pamqp.exceptions.AMQPCommandInvalid.value
 NOT_ALLOWED: Final[int] = pamqp.exceptions.AMQPNotAllowed.value
-
-_EXCHANGE_TYPES: Final = frozenset({"direct", "fanout", "topic"})
-_OVERFLOW_MODES: Final = frozenset({"drop-head", "reject-publish", "reject-publish-dlx"})
-# Queue arguments RabbitMQ compares when a queue is redeclared (others are ignored).
-_EQUIVALENCE_ARGS: Final = (
-    "x-message-ttl",
-    "x-expires",
-    "x-dead-letter-exchange",
-    "x-dead-letter-routing-key",
-    "x-max-length",
-    "x-max-length-bytes",
-    "x-overflow",
-    "x-max-priority",
-    "x-queue-mode",
-    "x-delivery-limit",
-    "x-single-active-consumer",
-)
 
 
 class _Connection(Protocol):
@@ -144,8 +142,11 @@ class MemoryChannel(CloseOnce):
         self._fail(
             NOT_FOUND,
             f"NOT_FOUND - no {kind} '{name}' in vhost '{self._vhost.name}'",
-            QueueNotFound,
+            ExchangeNotFound if kind == "exchange" else QueueNotFound,
         )
+
+    def _refused(self, refusal: Refusal) -> NoReturn:
+        self._fail(refusal.reply_code, refusal.reply_text)
 
     def _lookup_queue(self, name: str) -> Queue:
         if name == "":
@@ -419,7 +420,7 @@ class MemoryChannel(CloseOnce):
         ex = self._vhost.exchange(exchange)
         if ex is None:
             self._not_found("exchange", exchange)
-        queues = ex.route(routing_key)
+        queues = ex.route(routing_key, props.headers)
         if not queues:
             if mandatory and self._confirm:
                 raise Unroutable(exchange, routing_key, "NO_ROUTE", NO_ROUTE)
@@ -472,71 +473,6 @@ class MemoryChannel(CloseOnce):
 
     # -- queues ---------------------------------------------------------------
 
-    def _queue_settings(self, name: str, args: dict[str, Any]) -> dict[str, Any]:
-        """Validate queue arguments like RabbitMQ (406 on a bad value)."""
-
-        def bad(arg: str, why: str) -> NoReturn:
-            self._fail(
-                PRECONDITION_FAILED,
-                f"PRECONDITION_FAILED - invalid arg '{arg}' for queue '{name}' in vhost "
-                f"'{self._vhost.name}': {why}",
-            )
-
-        def non_negative_int(arg: str) -> int | None:
-            value = args.get(arg)
-            if value is None:
-                return None
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                bad(arg, f"{value!r} is not a non-negative integer")
-            return value
-
-        dlx = args.get("x-dead-letter-exchange")
-        dlrk = args.get("x-dead-letter-routing-key")
-        if dlx is not None and not isinstance(dlx, str):
-            bad("x-dead-letter-exchange", f"{dlx!r} is not a string")
-        if dlrk is not None:
-            if not isinstance(dlrk, str):
-                bad("x-dead-letter-routing-key", f"{dlrk!r} is not a string")
-            if dlx is None:
-                bad("x-dead-letter-routing-key", "Key x-dead-letter-exchange not set")
-        overflow = args.get("x-overflow", "drop-head")
-        if overflow not in _OVERFLOW_MODES:
-            bad("x-overflow", f"{overflow!r} is not one of {sorted(_OVERFLOW_MODES)}")
-        queue_type = args.get("x-queue-type", "classic")
-        if queue_type not in ("classic", "quorum"):
-            bad("x-queue-type", f"{queue_type!r}: the memory broker models classic and quorum")
-        return {
-            "ttl": non_negative_int("x-message-ttl"),
-            "dlx": dlx,
-            "dlrk": dlrk,
-            "max_length": non_negative_int("x-max-length"),
-            "overflow": overflow,
-            "quorum": queue_type == "quorum",
-            "delivery_limit": non_negative_int("x-delivery-limit"),
-        }
-
-    def _check_equivalent(
-        self, q: Queue, durable: bool, auto_delete: bool, args: dict[str, Any]
-    ) -> None:
-        def inequivalent(arg: str, received: Any, current: Any) -> NoReturn:
-            self._fail(
-                PRECONDITION_FAILED,
-                f"PRECONDITION_FAILED - inequivalent arg '{arg}' for queue '{q.name}' in "
-                f"vhost '{self._vhost.name}': received {received!r} but current is {current!r}",
-            )
-
-        if durable != q.durable:
-            inequivalent("durable", durable, q.durable)
-        if auto_delete != q.auto_delete:
-            inequivalent("auto_delete", auto_delete, q.auto_delete)
-        received_type = args.get("x-queue-type", "classic")
-        current_type = q.arguments.get("x-queue-type", "classic")
-        if received_type != current_type:
-            inequivalent("x-queue-type", received_type, current_type)
-        for key in _EQUIVALENCE_ARGS:
-            if args.get(key) != q.arguments.get(key):
-                inequivalent(key, args.get(key), q.arguments.get(key))
-
     async def queue_declare(
         self,
         queue: str,
@@ -565,10 +501,25 @@ class MemoryChannel(CloseOnce):
             existing = vhost.queues.get(queue)
             if existing is not None:
                 self._check_owner(existing)
-                self._check_equivalent(existing, durable, auto_delete, args)
+                try:
+                    check_queue_equivalent(
+                        queue,
+                        vhost.name,
+                        durable=durable,
+                        auto_delete=auto_delete,
+                        args=args,
+                        current_durable=existing.durable,
+                        current_auto_delete=existing.auto_delete,
+                        current_args=existing.arguments,
+                    )
+                except Refusal as refusal:
+                    self._refused(refusal)
                 q = existing
             else:
-                settings = self._queue_settings(queue, args)
+                try:
+                    settings = queue_settings(queue, vhost.name, args)
+                except Refusal as refusal:
+                    self._refused(refusal)
                 if settings["quorum"]:
                     for flag, prop in (
                         (not durable, "non-durable"),
@@ -637,6 +588,37 @@ class MemoryChannel(CloseOnce):
         await trio.lowlevel.checkpoint()
         self.check_open()
         q = self._lookup_queue(queue)
+        ex = self._bindable(exchange)
+        args = dict(arguments or {})
+        if ex.kind == "headers":
+            problem = check_x_match(args)
+            if problem is not None:
+                self._fail(PRECONDITION_FAILED, problem)
+        ex.bind(q, routing_key, args)
+        self._vhost.changed()
+
+    async def queue_unbind(
+        self,
+        queue: str,
+        exchange: str,
+        routing_key: str = "",
+        arguments: Mapping[str, Any] | None = None,
+    ) -> None:
+        """Remove a binding; as in RabbitMQ 3.10, a missing queue, exchange or binding
+        is no error."""
+        await trio.lowlevel.checkpoint()
+        self.check_open()
+        q = self._vhost.queues.get(queue or self._last_queue)
+        ex = self._vhost.exchange(exchange)
+        if ex is not None and ex.kind == "default":
+            self._bindable(exchange)  # refused, as binding it is
+        if q is None or ex is None:
+            return
+        self._check_owner(q)
+        ex.unbind(q, routing_key, dict(arguments or {}))
+        self._vhost.changed()
+
+    def _bindable(self, exchange: str) -> Exchange:
         ex = self._vhost.exchange(exchange)
         if ex is None:
             self._not_found("exchange", exchange)
@@ -645,8 +627,7 @@ class MemoryChannel(CloseOnce):
                 ACCESS_REFUSED,
                 "ACCESS_REFUSED - operation not permitted on the default exchange",
             )
-        ex.bind(q, routing_key)
-        self._vhost.changed()
+        return ex
 
     # -- exchanges --------------------------------------------------------------
 
@@ -673,38 +654,36 @@ class MemoryChannel(CloseOnce):
             self._fail(
                 ACCESS_REFUSED, "ACCESS_REFUSED - operation not permitted on the default exchange"
             )
+        if exchange_type not in EXCHANGE_TYPES:
+            self._connection.fail(
+                COMMAND_INVALID, f"COMMAND_INVALID - unknown exchange type '{exchange_type}'"
+            )
+        args = dict(arguments or {})
+        if existing is not None:
+            # Redeclaring an existing exchange, a pre-declared amq.* one included,
+            # is fine when it is equivalent (RabbitMQ compares the same fields).
+            try:
+                check_exchange_equivalent(
+                    exchange,
+                    vhost.name,
+                    (exchange_type, durable, auto_delete, args),
+                    (existing.kind, existing.durable, existing.auto_delete, existing.arguments),
+                )
+            except Refusal as refusal:
+                self._refused(refusal)
+            return
         if exchange.startswith("amq."):
             self._fail(
                 ACCESS_REFUSED,
                 f"ACCESS_REFUSED - exchange name '{exchange}' contains reserved prefix 'amq.*'",
             )
-        if exchange_type not in _EXCHANGE_TYPES:
-            self._connection.fail(
-                COMMAND_INVALID,
-                f"COMMAND_INVALID - unknown exchange type '{exchange_type}' (the memory "
-                f"broker models {', '.join(sorted(_EXCHANGE_TYPES))})",
-            )
-        if existing is not None:
-            for arg, received, current in (
-                ("type", exchange_type, existing.kind),
-                ("durable", durable, existing.durable),
-                ("auto_delete", auto_delete, existing.auto_delete),
-            ):
-                if received != current:
-                    self._fail(
-                        PRECONDITION_FAILED,
-                        f"PRECONDITION_FAILED - inequivalent arg '{arg}' for exchange "
-                        f"'{exchange}' in vhost '{vhost.name}': received {received!r} but "
-                        f"current is {current!r}",
-                    )
-            return
         vhost.exchanges[exchange] = Exchange(
             vhost,
             exchange,
             exchange_type,
             durable=durable,
             auto_delete=auto_delete,
-            arguments=dict(arguments or {}),
+            arguments=args,
         )
         vhost.changed()
 

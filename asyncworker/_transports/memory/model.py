@@ -28,15 +28,19 @@ from typing import Any, Protocol
 import trio
 
 from ..base import CancelCallback, DeliveryCallback, Properties
+from .routing import headers_match, topic_matches, words
 
 __all__ = [
+    "Binding",
     "Consumer",
     "ConsumerChannel",
+    "ConsumerInfo",
     "Exchange",
     "Message",
     "Queue",
     "QueueStats",
     "VHost",
+    "binding_key",
     "copy_properties",
     "current_time",
 ]
@@ -79,6 +83,23 @@ class QueueStats:
     requeued: int = 0
     dead_lettered: int = 0
     expired: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class ConsumerInfo:
+    """One consumer of a queue, as ``MemoryBroker.consumers`` reports it.
+
+    Attributes:
+        tag: the consumer tag.
+        prefetch_count: its prefetch (``basic.qos`` before ``basic.consume``; 0 = unlimited).
+        active: whether it gets messages (with ``x-single-active-consumer``, only one does).
+        unacked: messages delivered to it and not settled yet.
+    """
+
+    tag: str
+    prefetch_count: int
+    active: bool
+    unacked: int
 
 
 class _Stats:
@@ -140,29 +161,6 @@ def copy_properties(p: Properties, headers: dict[str, Any] | None) -> Properties
     )
 
 
-def _topic_matches(pattern: tuple[str, ...], words: list[str], i: int = 0, j: int = 0) -> bool:
-    """Whether the words of a routing key match a topic binding pattern."""
-    np_, nw = len(pattern), len(words)
-    while i < np_:
-        token = pattern[i]
-        if token == "#":
-            while i + 1 < np_ and pattern[i + 1] == "#":
-                i += 1
-            if i + 1 == np_:
-                return True
-            return any(_topic_matches(pattern, words, i + 1, k) for k in range(j, nw + 1))
-        if j == nw or (token != "*" and token != words[j]):
-            return False
-        i += 1
-        j += 1
-    return j == nw
-
-
-def _words(key: str) -> list[str]:
-    # RabbitMQ treats the empty key as zero words, so "*" does not match it but "#" does.
-    return key.split(".") if key else []
-
-
 def _is_dead_letter_cycle(queue: str, deaths: list[Any]) -> bool:
     """RabbitMQ's rule: a cycle back to ``queue`` with no rejection on the way is dropped."""
     for death in deaths:
@@ -183,6 +181,7 @@ class Message:
         "delivery_count",
         "exchange",
         "expires_at",
+        "priority",
         "properties",
         "queue",
         "redelivered",
@@ -210,10 +209,16 @@ class Message:
         self.returned = False  # in a quorum queue's "returns", served before the rest
         self.delivery_count = 0
         self.seq = 0  # set by Queue.push: the publish order within the queue
+        self.priority = 0  # set by Queue.push in a priority queue (x-max-priority)
 
 
 def _seq_of(message: Message) -> int:
     return message.seq
+
+
+def _priority_order(message: Message) -> tuple[int, int]:
+    # A priority queue serves the highest priority first, FIFO within one.
+    return (-message.priority, message.seq)
 
 
 class Consumer:
@@ -269,6 +274,8 @@ class Queue:
         overflow: str,
         quorum: bool,
         delivery_limit: int | None,
+        max_priority: int | None = None,
+        single_active: bool = False,
     ) -> None:
         self.vhost = vhost
         self.schedule = vhost.schedule
@@ -284,6 +291,11 @@ class Queue:
         self.overflow = overflow
         self.quorum = quorum
         self.delivery_limit = delivery_limit
+        self.max_priority = max_priority
+        #: x-single-active-consumer: only the first consumer registered (and
+        #: still there) gets messages; the next one takes over when it leaves.
+        self.single_active = single_active
+        self._order: Callable[[Message], Any] = _seq_of if max_priority is None else _priority_order
         self.ready: deque[Message] = deque()
         self._seq = 0
         self.consumers: deque[Consumer] = deque()
@@ -321,13 +333,32 @@ class Queue:
                 return True
         self._seq += 1
         message.seq = self._seq
-        ready.append(message)
+        if self.max_priority is None:
+            ready.append(message)
+        else:
+            self._insert_by_priority(message)
         self.stats.published += 1
         if self.consumers:
             self.dispatch()
         elif len(ready) == 1:
             self.reschedule()
         return True
+
+    def _insert_by_priority(self, message: Message) -> None:
+        """Put a new message behind every ready message of its priority or higher.
+
+        As RabbitMQ: no priority counts as 0, one above ``x-max-priority``
+        as the maximum.
+        """
+        assert self.max_priority is not None
+        priority = message.properties.priority or 0
+        message.priority = priority = min(max(priority, 0), self.max_priority)
+        ready = self.ready
+        index = len(ready)
+        # New messages mostly belong at the back: scan from there.
+        while index and ready[index - 1].priority < priority:
+            index -= 1
+        ready.insert(index, message)
 
     def requeue(self, messages: list[Message], *, rejected: bool = False) -> None:
         """Return messages (in delivery order) to the queue.
@@ -370,12 +401,14 @@ class Queue:
             head.extend(returned)
         else:
             # A classic queue puts them back at their original position: merge
-            # by publish sequence with the returned messages already at the head.
-            returned.sort(key=_seq_of)
-            top = returned[-1].seq
-            while ready and ready[0].seq < top:
+            # by publish sequence (within their priority, in a priority queue)
+            # with the returned messages already at the head.
+            order = self._order
+            returned.sort(key=order)
+            top = order(returned[-1])
+            while ready and order(ready[0]) < top:
                 head.append(ready.popleft())
-            head = list(heapq.merge(head, returned, key=_seq_of)) if head else returned
+            head = list(heapq.merge(head, returned, key=order)) if head else returned
         if head:
             ready.extendleft(reversed(head))
         self.dispatch()
@@ -385,6 +418,12 @@ class Queue:
 
     def pick_consumer(self) -> Consumer | None:
         consumers = self.consumers
+        if self.single_active:
+            # The single active consumer, and nobody else, even when it is full.
+            active = consumers[0]
+            if active.prefetch == 0 or active.unacked < active.prefetch:
+                return active
+            return None
         for _ in range(len(consumers)):
             consumer = consumers[0]
             # Rotate before checking so that the next pick starts after this one.
@@ -507,7 +546,7 @@ class Queue:
         props = copy_properties(old, headers)
         props.expiration = None
         now = current_time()
-        for queue in exchange.route(routing_key):
+        for queue in exchange.route(routing_key, headers):
             if _is_dead_letter_cycle(queue.name, deaths):
                 logger.warning(
                     "memory broker: dead-letter cycle without rejection detected; message "
@@ -528,6 +567,27 @@ class Queue:
             )
 
 
+class Binding:
+    """One binding of a queue to an exchange: its routing key and arguments."""
+
+    __slots__ = ("arguments", "queue", "routing_key")
+
+    def __init__(self, queue: Queue, routing_key: str, arguments: dict[str, Any]) -> None:
+        self.queue = queue
+        self.routing_key = routing_key
+        self.arguments = arguments
+
+
+def binding_key(queue: str, routing_key: str, arguments: Mapping[str, Any]) -> tuple[str, str, str]:
+    """What makes a binding itself in RabbitMQ: queue, routing key and arguments.
+
+    The arguments go in as a repr of their sorted items: they may hold lists,
+    which cannot be hashed, and two bindings differing only in them (headers
+    bindings) are two bindings.
+    """
+    return (queue, routing_key, repr(sorted(arguments.items())))
+
+
 class Exchange:
     """An exchange and its bindings, with a routing index per type."""
 
@@ -544,26 +604,31 @@ class Exchange:
     ) -> None:
         self.vhost = vhost
         self.name = name
-        self.kind = kind  # "direct", "fanout", "topic", or "default" for ""
+        self.kind = kind  # "direct", "fanout", "topic", "headers", or "default" for ""
         self.durable = durable
         self.auto_delete = auto_delete
         self.arguments = arguments or {}
         self.builtin = builtin
-        # (routing key, queue name) -> queue; the indexes below are derived from it.
-        self.bindings: dict[tuple[str, str], Queue] = {}
+        # binding_key(...) -> binding; the indexes below are derived from it.
+        self.bindings: dict[tuple[str, str, str], Binding] = {}
         self._direct: dict[str, list[Queue]] = {}
         self._fanout: list[Queue] = []
         self._topic: list[tuple[tuple[str, ...], Queue]] = []
         self._topic_cache: dict[str, list[Queue]] = {}
 
-    def bind(self, queue: Queue, routing_key: str) -> None:
-        key = (routing_key, queue.name)
+    def bind(self, queue: Queue, routing_key: str, arguments: dict[str, Any]) -> None:
+        key = binding_key(queue.name, routing_key, arguments)
         if key not in self.bindings:
-            self.bindings[key] = queue
+            self.bindings[key] = Binding(queue, routing_key, arguments)
+            self._reindex()
+
+    def unbind(self, queue: Queue, routing_key: str, arguments: dict[str, Any]) -> None:
+        """Remove one binding (nothing happens if it does not exist, as in RabbitMQ)."""
+        if self.bindings.pop(binding_key(queue.name, routing_key, arguments), None) is not None:
             self._reindex()
 
     def unbind_queue(self, queue: Queue) -> None:
-        stale = [key for key, bound in self.bindings.items() if bound is queue]
+        stale = [key for key, binding in self.bindings.items() if binding.queue is queue]
         if stale:
             for key in stale:
                 del self.bindings[key]
@@ -574,17 +639,20 @@ class Exchange:
         direct: dict[str, list[Queue]] = {}
         fanout: dict[Queue, None] = {}
         topic: list[tuple[tuple[str, ...], Queue]] = []
-        for (routing_key, _), queue in self.bindings.items():
-            direct.setdefault(routing_key, []).append(queue)
+        for binding in self.bindings.values():
+            queue = binding.queue
+            queues = direct.setdefault(binding.routing_key, [])
+            if queue not in queues:
+                queues.append(queue)
             fanout[queue] = None
-            topic.append((tuple(_words(routing_key)), queue))
+            topic.append((tuple(words(binding.routing_key)), queue))
         self._direct = direct
         self._fanout = list(fanout)
         self._topic = topic
         self._topic_cache = {}
 
-    def route(self, routing_key: str) -> list[Queue]:
-        """The queues a message with this routing key goes to (each at most once)."""
+    def route(self, routing_key: str, headers: Mapping[str, Any] | None = None) -> list[Queue]:
+        """The queues a message with this routing key (and these headers) goes to, each once."""
         kind = self.kind
         if kind == "default":
             queue = self.vhost.queues.get(routing_key)
@@ -593,12 +661,18 @@ class Exchange:
             return self._direct.get(routing_key, [])
         if kind == "fanout":
             return self._fanout
+        if kind == "headers":
+            matched: dict[Queue, None] = {}
+            for binding in self.bindings.values():
+                if binding.queue not in matched and headers_match(binding.arguments, headers):
+                    matched[binding.queue] = None
+            return list(matched)
         cached = self._topic_cache.get(routing_key)
         if cached is None:
-            words = _words(routing_key)
-            matched: dict[Queue, None] = {}
+            key_words = words(routing_key)
+            matched = {}
             for pattern, queue in self._topic:
-                if queue not in matched and _topic_matches(pattern, words):
+                if queue not in matched and topic_matches(pattern, key_words):
                     matched[queue] = None
             cached = list(matched)
             if len(self._topic_cache) > 4096:
@@ -630,6 +704,8 @@ class VHost:
             ("amq.direct", "direct"),
             ("amq.fanout", "fanout"),
             ("amq.topic", "topic"),
+            ("amq.headers", "headers"),
+            ("amq.match", "headers"),
         ):
             self.exchanges[name_] = Exchange(self, name_, kind, builtin=True)
 

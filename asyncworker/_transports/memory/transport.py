@@ -109,6 +109,10 @@ class MemoryConnection(CloseOnce):
 
     # -- internals ------------------------------------------------------------
 
+    def force_close(self, reply_code: int, reply_text: str) -> None:
+        """Close the connection from the broker's side (``MemoryBroker.close_connections``)."""
+        self.mark_closed(ConnectionClosed(reply_text, reply_code))
+
     def fail(self, reply_code: int, reply_text: str) -> NoReturn:
         """Close the connection as the broker would (a connection exception), and raise."""
         self.mark_closed(ConnectionClosed(reply_text, reply_code))
