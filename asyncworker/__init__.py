@@ -25,12 +25,14 @@
 #   L6  testing, _cli > _demo                    test client, command line: they
 #                                                reconfigure an App through ONE
 #                                                seam, App.reconfigured()
-#   L5  _app > _run > _config                    the App facade; App.run() in a
-#                                                process; its frozen config
+#   L5  _app > _run, _registry > _config         the App facade; App.run() in a
+#                                                process; route()/declare(); its
+#                                                frozen config
 #   L4  _supervisor > _consumer > _dispatch      per-vhost connection supervision;
 #       _publisher, _lifecycle, _watchdog,       subscription; the hand-off (worker
-#       _http > _metrics                         pool | batch collector); publishing;
-#                                                hooks; what reads statistics()
+#       _http > _metrics; _declare               pool | batch collector); publishing;
+#                                                hooks; what reads statistics();
+#                                                declaring the topology
 #   L3  middlewares > utils                      the plugins: they declare what they
 #                                                support, the core never imports them
 #   L2  _settlement > _chain > _message          the settlement policy, the chain,
@@ -38,8 +40,8 @@
 #                                                publish hook tracing plugs in
 #   L1  _transports                              the seam, connect(), the AMQP client,
 #                                                the memory broker
-#   L0  _logging > _settings; _exceptions,       leaves
-#       _util, _statistics
+#   L0  _logging > _settings; _exceptions,       leaves (_topology: the Exchange,
+#       _util, _statistics, _topology            Queue and Binding records)
 #
 # One arrow points up: App.test_client() imports testing lazily, as Flask's
 # app.test_client() does.  Lower layers get narrow values (a stop event, a
@@ -68,6 +70,7 @@ from ._exceptions import PublishNacked as PublishNacked
 from ._exceptions import PublishTimeout as PublishTimeout
 from ._exceptions import QueueNotFound as QueueNotFound
 from ._exceptions import StartupError as StartupError
+from ._exceptions import TopologyError as TopologyError
 from ._exceptions import Unroutable as Unroutable
 from ._logging import JsonFormatter as JsonFormatter
 from ._logging import configure_logging as configure_logging
@@ -79,6 +82,9 @@ from ._statistics import AppStatistics as AppStatistics
 from ._statistics import ConsumerStatistics as ConsumerStatistics
 from ._supervisor import Backoff as Backoff
 from ._supervisor import ConnectionEvent as ConnectionEvent
+from ._topology import Binding as Binding
+from ._topology import Exchange as Exchange
+from ._topology import Queue as Queue
 from ._transports import Properties as Properties
 
 #: The installed version (from the distribution's metadata).
@@ -91,6 +97,7 @@ __all__ = [
     "AuthenticationError",
     "Backoff",
     "Batch",
+    "Binding",
     "BulkCallNext",
     "BulkHandler",
     "BulkMiddleware",
@@ -100,6 +107,7 @@ __all__ = [
     "ConnectionClosed",
     "ConnectionEvent",
     "ConsumerStatistics",
+    "Exchange",
     "ExchangeNotFound",
     "Handler",
     "HandlerTimeout",
@@ -111,11 +119,13 @@ __all__ = [
     "PublishError",
     "PublishNacked",
     "PublishTimeout",
+    "Queue",
     "QueueNotFound",
     "Route",
     "Settleable",
     "Settlement",
     "StartupError",
+    "TopologyError",
     "Unroutable",
     "configure_logging",
 ]

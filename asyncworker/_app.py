@@ -2,6 +2,9 @@
 
 What the App composes (see docs/architecture.md):
 
+* ``Registry`` (``_registry``), its base class: ``route()`` and
+  ``declare()``, the routes and the topology (``_topology``) they register;
+
 * ``AppConfig`` (``_config``): the frozen configuration built from the
   arguments and the ``ASYNCWORKER_*`` settings; ``reconfigured()`` swaps it
   while the App is stopped (the command line and the test client use it);
@@ -29,32 +32,33 @@ import functools
 import inspect
 import logging
 import ssl as _ssl
-from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any, Generic, TypeVar, cast, overload
 
 import trio
 
-from ._chain import _IN_WORKER, BulkMiddleware, Middleware
+from ._chain import _IN_WORKER, Middleware
 from ._config import (
     KEYWORD_ALIASES,
-    AnyMiddleware,
     AppConfig,
     Connector,
     Route,
     chain_layers,
     check_queue_clash,
-    check_route,
     publish_hook_of,
 )
 from ._consumer import Consumer, consumers_for
+from ._declare import Declarer
 from ._exceptions import AsyncWorkerError
 from ._lifecycle import Lifecycle, ShutdownReport, grace_timer, serving_line
 from ._publisher import Publisher, encode_body
+from ._registry import Registry
 from ._run import run_until_signal, skipped_under_cli
 from ._statistics import AppStatistics
 from ._supervisor import Backoff, ConnectionEvent, Supervisor, report_event
+from ._topology import Queue, Topology
 from ._transports import Properties
 from ._util import check_keywords, only_leaf, suggest_call_keywords
 from ._watchdog import watch_loop
@@ -67,8 +71,6 @@ __all__ = ["App"]
 
 logger = logging.getLogger("asyncworker")
 
-# A handler of messages, or of ``list[Message]`` on a bulk route.
-H = TypeVar("H", bound=Callable[..., Awaitable[Any]])
 T = TypeVar("T")
 #: A lifecycle hook or periodic task: ``async def hook(app) -> None``.
 F = TypeVar("F", bound=Callable[["App"], Awaitable[Any]])
@@ -100,7 +102,7 @@ class _ConfigAttribute(Generic[T]):
         owner._config = replace(owner._config, **changes)  # noqa: SLF001
 
 
-class App:
+class App(Registry):
     """A RabbitMQ worker: routes from queues to async handlers.
 
     ::
@@ -219,6 +221,9 @@ class App:
         self._lifecycle: Lifecycle[App] = Lifecycle(self)
         self._publisher = Publisher(self._config.params, self._config.connector)
         self._routes: list[Route] = []
+        # What is declared, per vhost (None: the vhost of the App's URL when it
+        # serves, as for a route without vhost=): Queue objects, declare()'s.
+        self._topology: dict[str | None, Topology] = {}
         self._find_publish_hook()
         # Kept across serve() calls: their reconnection counts are "since the App started".
         self._supervisors: dict[str, Supervisor] = {}
@@ -332,85 +337,7 @@ class App:
         self._config = config
         self._publisher.configure(config.params, config.connector)
 
-    # -- registration -------------------------------------------------------
-
-    @overload
-    def route(
-        self,
-        queues: Iterable[str] | str,
-        *,
-        vhost: str | None = None,
-        middlewares: Sequence[Middleware] = (),
-        settlement: Middleware | None = None,
-        declare: bool = False,
-        bulk_size: None = None,
-        bulk_flush_interval: float = 1.0,
-    ) -> Callable[[H], H]: ...
-
-    @overload
-    def route(
-        self,
-        queues: Iterable[str] | str,
-        *,
-        vhost: str | None = None,
-        middlewares: Sequence[BulkMiddleware] = (),
-        settlement: BulkMiddleware | None = None,
-        declare: bool = False,
-        bulk_size: int,
-        bulk_flush_interval: float = 1.0,
-    ) -> Callable[[H], H]: ...
-
-    @suggest_call_keywords
-    def route(
-        self,
-        queues: Iterable[str] | str,
-        *,
-        vhost: str | None = None,
-        middlewares: Sequence[AnyMiddleware] = (),
-        settlement: AnyMiddleware | None = None,
-        declare: bool = False,
-        bulk_size: int | None = None,
-        bulk_flush_interval: float = 1.0,
-    ) -> Callable[[H], H]:
-        """Register an async handler for one or more queues.
-
-        The handler receives one ``Message`` per call, from any of ``queues``;
-        with ``bulk_size``, a ``Batch`` (a ``list[Message]`` of one queue)
-        instead: see docs/bulk.md.  The middlewares of a bulk route receive
-        that ``Batch`` too (``BulkMiddleware``).
-
-        Args:
-            queues: the queue names (a single name is accepted too).
-            vhost: their vhost; without it, the vhost of the App's URL as it
-                is when the App serves (``/`` when the URL names none).
-            middlewares: this route's middlewares, inside the App's.
-            settlement: this route's settlement policy, instead of the App's.
-            declare: declare the queues (durable) if they do not exist.
-            bulk_size: make this a bulk route: the handler receives up to this
-                many messages per call (1 <= bulk_size <= prefetch_count).
-            bulk_flush_interval: on a bulk route, seconds after the first
-                message of a partial batch when the batch is handled anyway.
-        """
-        if self._serving:
-            raise RuntimeError("routes must be registered before serve()/run() starts")
-        make_route = check_route(
-            queues,
-            vhost=vhost,
-            middlewares=middlewares,
-            settlement=settlement,
-            declare=declare,
-            bulk_size=bulk_size,
-            bulk_flush_interval=bulk_flush_interval,
-            config=self._config,
-            existing=self._routes,
-        )
-
-        def decorator(handler: H) -> H:
-            self._routes.append(make_route(handler))
-            self._find_publish_hook()
-            return handler
-
-        return decorator
+    # -- registration (route() and declare() are Registry's) -------------
 
     def _find_publish_hook(self) -> None:
         # A middleware that traces publishes declares a hook (Tracing does):
@@ -513,6 +440,7 @@ class App:
         lifecycle = self._lifecycle
         if not (
             self._routes
+            or self._topology
             or lifecycle.periodic
             or lifecycle.startup_hooks
             or lifecycle.shutdown_hooks
@@ -525,6 +453,7 @@ class App:
         # A route without vhost= consumes the vhost of the URL the App has now.
         routes = self.routes
         check_queue_clash(routes)
+        declarers = {vhost: Declarer(t) for vhost, t in self._topologies().items()}
         self._serving = True
         # _stop_event is fresh (see the finally clause): a signal received by
         # run() before this point still stops this serve().
@@ -549,7 +478,11 @@ class App:
                 return
             by_vhost: dict[str, list[Consumer]] = {}
             for route in routes:
-                by_vhost.setdefault(route.vhost, []).extend(self._consumers_of(route, config))
+                by_vhost.setdefault(route.vhost, []).extend(
+                    self._consumers_of(route, config, declarers.get(route.vhost))
+                )
+            for vhost in declarers:  # declared again on every reconnect, without consumers
+                by_vhost.setdefault(vhost, [])
             self._consumers = [c for consumers in by_vhost.values() for c in consumers]
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
@@ -590,6 +523,7 @@ class App:
                                 backoff=config.reconnect,
                                 stop=self._stop_event,
                                 on_drained=self._publisher.close_vhost,
+                                declarer=declarers.get(vhost),
                             )
                         )
                     self._started = True
@@ -675,7 +609,9 @@ class App:
         self._request_stop()
         self._cancel_handlers()
 
-    def _consumers_of(self, route: Route, config: AppConfig) -> list[Consumer]:
+    def _consumers_of(
+        self, route: Route, config: AppConfig, declarer: Declarer | None
+    ) -> list[Consumer]:
         """One consumer per queue of ``route``, each with its dispatcher and the route's chain."""
         handler: Callable[[Any], Awaitable[Any]] = route.handler
         if self._metrics is not None:
@@ -689,8 +625,8 @@ class App:
             ),
             app=self,
             route=route.name,
-            prefetch=config.prefetch_count,
-            declare=route.declare,
+            prefetch=route.prefetch_count or config.prefetch_count,
+            redeclare=(lambda queue: None) if declarer is None else declarer.for_queue,
             bulk=None if route.bulk_size is None else (route.bulk_size, route.bulk_flush_interval),
             stop=self._stop_event,
             on_cancelled=functools.partial(self._on_cancelled, route.vhost),
@@ -757,13 +693,17 @@ class App:
 
     async def declare_queue(
         self,
-        name: str,
+        name: str | Queue,
         *,
         vhost: str | None = None,
         durable: bool = True,
         arguments: dict[str, Any] | None = None,
     ) -> None:
-        """Declare a queue (idempotent: an existing queue with the same arguments is kept)."""
+        """Declare a queue now (idempotent: an existing queue with the same arguments is kept).
+
+        ``name`` may be a ``Queue`` (declared with its bindings; ``durable`` and
+        ``arguments`` are then the record's).  ``TopologyError`` on a 406.
+        """
         await self._publisher.declare_queue(
             name,
             vhost=self.vhost if vhost is None else vhost,

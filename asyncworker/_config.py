@@ -12,8 +12,11 @@ seam the command line and the test client use) swaps in a copy made by
 ``with_url`` / ``with_http`` / ``with_connector`` while the App is stopped,
 and puts the original back afterwards.
 
-Route options are checked here too (``check_route``), so that every
-"you passed X, pass Y" message of the public API lives in one module.
+Route options are checked here too (``check_route``), and what
+``App.declare()`` registers (``check_declare``), so that every "you passed
+X, pass Y" message of the public API lives in one module.  A route given
+``Queue`` objects adds them to a ``Topology`` (``_topology``), which the
+supervisor declares.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from . import _settings
 from ._instrumentation import PublishHook
 from ._settlement import AckRequeue
 from ._supervisor import Backoff, ConnectionEvent
+from ._topology import Binding, Exchange, Queue, Topology
 from ._transports import Connection, ConnectionParams, connect, redact_url
 from ._transports.params import DEFAULT_CONNECT_TIMEOUT, DEFAULT_HEARTBEAT, parse_url
 from ._util import check_keywords, install_hint, is_async_callable
@@ -43,7 +47,9 @@ __all__ = [
     "Route",
     "KEYWORD_ALIASES",
     "chain_layers",
+    "check_declare",
     "check_keywords",
+    "check_prefetch",
     "check_queue_clash",
     "check_route",
     "check_settlement",
@@ -115,13 +121,7 @@ class AppConfig:
         http = _settings.http_address(http)
         if url is None and host is None and port is None and user is None and password is None:
             url = _settings.url()
-        if isinstance(prefetch_count, bool) or not isinstance(prefetch_count, int):
-            raise TypeError(f"prefetch_count must be an int, got {prefetch_count!r}")
-        if not 1 <= prefetch_count <= 65535:
-            raise ValueError(
-                f"prefetch_count must be between 1 and 65535, got {prefetch_count}: it is how "
-                "many messages of one queue may be delivered and not yet settled"
-            )
+        prefetch_count = check_prefetch(prefetch_count, "")
         if heartbeat is not None and (isinstance(heartbeat, bool) or heartbeat < 0):
             raise ValueError(f"heartbeat must be >= 0 seconds (0 disables it), got {heartbeat}")
         if connect_timeout is not None and not connect_timeout > 0:
@@ -227,7 +227,7 @@ class Route:
 
     #: The handler (a ``Message`` per call, or a ``Batch`` on a bulk route).
     handler: Callable[..., Awaitable[Any]]
-    #: The queues it consumes.
+    #: The names of the queues it consumes.
     queues: tuple[str, ...]
     #: Their vhost: the route's ``vhost=``, else the vhost of the App's URL
     #: (as it is when the App serves: ``--url`` and ``ASYNCWORKER_URL`` move it).
@@ -236,7 +236,7 @@ class Route:
     middlewares: tuple[AnyMiddleware, ...]
     #: The route's settlement policy, or None for the App's.
     settlement: AnyMiddleware | None
-    #: Whether missing queues are declared (durable).
+    #: Whether missing queues given by name are declared (durable, classic).
     declare: bool
     #: The handler's qualified name (in logs, metrics and statistics).
     name: str
@@ -246,6 +246,10 @@ class Route:
     bulk_flush_interval: float = 1.0
     #: Whether ``vhost=`` was given; if not, the route follows the App's URL.
     explicit_vhost: bool = True
+    #: The route's own prefetch (its ``basic.qos`` and concurrency), or None for the App's.
+    prefetch_count: int | None = None
+    #: The ``Queue`` objects it was given: the App declares them (and their bindings).
+    declared: tuple[Queue, ...] = ()
 
     def on_vhost(self, default: str) -> Route:
         """This route as it serves when the App's URL has vhost ``default``."""
@@ -393,8 +397,40 @@ def check_settlement(settlement: object, where: str) -> AnyMiddleware:
     return settlement
 
 
+def check_prefetch(prefetch_count: object, where: str) -> int:
+    """``prefetch_count`` as an int between 1 and 65535, or a ``TypeError``/``ValueError``."""
+    if isinstance(prefetch_count, bool) or not isinstance(prefetch_count, int):
+        raise TypeError(f"{where}prefetch_count must be an int, got {prefetch_count!r}")
+    if not 1 <= prefetch_count <= 65535:
+        raise ValueError(
+            f"{where}prefetch_count must be between 1 and 65535, got {prefetch_count}: it is how "
+            "many messages of one queue may be delivered and not yet settled"
+        )
+    return prefetch_count
+
+
+def check_declare(entities: Iterable[object], topology: Topology) -> Topology:
+    """``topology`` with ``entities`` (``Exchange``/``Queue`` objects) added, as a new set.
+
+    Raises ``TypeError`` for anything else, ``ValueError`` for a record that
+    conflicts with one already registered under its name.
+    """
+    updated = topology.copy()
+    for entity in entities:
+        if not isinstance(entity, Exchange | Queue):
+            if isinstance(entity, str):
+                hint = " (a queue name alone declares nothing: pass Queue(name))"
+            elif isinstance(entity, Binding):
+                hint = " (a Binding goes in Queue(..., bindings=[...]))"
+            else:
+                hint = ""
+            raise TypeError(f"declare() takes Exchange and Queue objects, got {entity!r}{hint}")
+        updated.add(entity)
+    return updated
+
+
 def check_route(
-    queues: Iterable[str] | str,
+    queues: Iterable[str | Queue] | str | Queue,
     *,
     vhost: str | None,
     middlewares: Sequence[AnyMiddleware],
@@ -402,30 +438,50 @@ def check_route(
     declare: bool,
     bulk_size: int | None,
     bulk_flush_interval: float,
+    prefetch_count: int | None,
     config: AppConfig,
     existing: Sequence[Route],
-) -> Callable[[Callable[..., Awaitable[Any]]], Route]:
-    """Validate ``App.route()``'s options; returns what makes the ``Route`` of a handler."""
-    names = (queues,) if isinstance(queues, str) else tuple(queues)
-    if not names:
-        raise ValueError("route() needs at least one queue name, got an empty list")
-    for name in names:
-        if not isinstance(name, str) or not name:
-            raise ValueError(f"queue names must be non-empty strings, got {name!r}")
+    topology: Topology,
+) -> tuple[Callable[[Callable[..., Awaitable[Any]]], Route], Topology]:
+    """Validate ``App.route()``'s options.
+
+    Returns what makes the ``Route`` of a handler, and ``topology`` (that of
+    the route's vhost, or of the App's when the route gives none) with the
+    route's ``Queue`` objects (and, with ``declare=True``, its queue names)
+    added: the App keeps it once the handler is registered.
+    """
+    given = (queues,) if isinstance(queues, str | Queue) else tuple(queues)
+    if not given:
+        raise ValueError("route() needs at least one queue, got an empty list")
+    for queue in given:
+        if not isinstance(queue, Queue) and (not isinstance(queue, str) or not queue):
+            raise ValueError(
+                f"route() takes queue names (non-empty strings) or Queue objects, got {queue!r}"
+            )
+    names = tuple(q.name if isinstance(q, Queue) else q for q in given)
+    declared = tuple(q for q in given if isinstance(q, Queue))
+    if len(set(names)) != len(names):
+        raise ValueError(f"route() got the same queue twice: {names!r}")
     explicit = vhost is not None
     if vhost is None:
         vhost = config.params.vhost
     elif not isinstance(vhost, str) or not vhost:
         raise ValueError(f"vhost must be a non-empty string, got {vhost!r}")
     check_queue_clash([*existing, Route(_never, names, vhost, (), None, False, "")])
+    route_prefetch = None if prefetch_count is None else check_prefetch(prefetch_count, "route(): ")
     route_middlewares = check_middlewares(middlewares, "route()")
     route_settlement = None if settlement is None else check_settlement(settlement, "route()")
     interval = _check_bulk(
         bulk_size,
         bulk_flush_interval,
-        config.prefetch_count,
+        route_prefetch or config.prefetch_count,
         (*config.middlewares, *route_middlewares),
+        "the route's" if route_prefetch is not None else "the App's",
     )
+    updated = check_declare(declared, topology)
+    if declare:
+        for name in names:
+            updated.ensure(name)
 
     def make(handler: Callable[..., Awaitable[Any]]) -> Route:
         if not is_async_callable(handler):
@@ -444,9 +500,11 @@ def check_route(
             bulk_size=bulk_size,
             bulk_flush_interval=interval,
             explicit_vhost=explicit,
+            prefetch_count=route_prefetch,
+            declared=declared,
         )
 
-    return make
+    return make, updated
 
 
 async def _never(message: Any) -> None:  # the handler of a route being checked
@@ -478,6 +536,7 @@ def _check_bulk(
     bulk_flush_interval: float,
     prefetch_count: int,
     middlewares: Sequence[AnyMiddleware],
+    whose: str = "the App's",
 ) -> float:
     """Validate the bulk options of ``route()``; the flush interval as a float."""
     if bulk_size is None:
@@ -490,10 +549,11 @@ def _check_bulk(
             "receives at most per call (leave it out for a handler of single messages)"
         )
     if bulk_size > prefetch_count:
+        where = "route(prefetch_count=...)" if whose == "the route's" else "App(prefetch_count=...)"
         raise ValueError(
-            f"bulk_size={bulk_size} is larger than the App's prefetch_count={prefetch_count}: "
+            f"bulk_size={bulk_size} is larger than {whose} prefetch_count={prefetch_count}: "
             "the broker would never deliver a full batch. Raise prefetch_count to at least "
-            f"{bulk_size} (App(prefetch_count=...)) or lower bulk_size"
+            f"{bulk_size} ({where}) or lower bulk_size"
         )
     if (
         isinstance(bulk_flush_interval, bool)

@@ -1,13 +1,18 @@
 """One consumer per (vhost, queue): the subscription, across reconnections.
 
-A ``Consumer`` opens its channel, sets ``basic.qos(prefetch_count)``,
-declares its queue if asked, registers ``basic.consume`` and, on shutdown,
+A ``Consumer`` opens its channel, sets ``basic.qos(prefetch_count)`` (the
+route's own, or the App's), registers ``basic.consume`` and, on shutdown,
 drains: ``basic.cancel``, requeue what has not started, wait for in-flight
 handlers, fence their settlements (one ``basic.get``: a quorum queue may
 otherwise drop acks sent right before a close), close the channel.  What
 happens to each delivery is its dispatcher's job (``_dispatch``: the parked
 worker pool, or the batch collector of a bulk route); the consumer reads the
 dispatcher's intake for its statistics and its drain.
+
+Declaring its queue is the supervisor's job (``_declare``), before the
+consumer starts; the consumer only declares it again (with its bindings)
+when it finds it missing while the connection is up (deleted while the App
+runs), through the ``redeclare`` callable it is handed.
 
 It is handed narrow values, never the App: a stop event, a callback for a
 broker-side cancellation, the route's name and options.
@@ -50,7 +55,7 @@ class Consumer:
         *,
         route: str,
         prefetch: int,
-        declare: bool,
+        redeclare: Callable[[Connection], Awaitable[None]] | None,
         stop: trio.Event,
         on_cancelled: Callable[[str], None],
     ) -> None:
@@ -60,7 +65,10 @@ class Consumer:
         self.vhost = intake.vhost
         self.route = route
         self._prefetch = prefetch
-        self._declare = declare
+        self._redeclare = redeclare
+        # Set once the queue was found missing (or the broker cancelled us):
+        # the next subscription declares it again first, if we can.
+        self._missing = False
         self._stop = stop
         self._on_cancelled = on_cancelled
         self._consumer_tag: str | None = None
@@ -78,6 +86,10 @@ class Consumer:
     async def wait_idle(self) -> None:
         """Return once no handler of this consumer is running."""
         await self._intake.wait_idle()
+
+    def hold(self, reason: str) -> None:
+        """The supervisor does not start this consumer yet (its queue could not be declared)."""
+        self._problem = f"queue {self.queue!r} not consumed: {reason}"
 
     # -- lifecycle ---------------------------------------------------------
 
@@ -102,11 +114,12 @@ class Consumer:
             try:
                 channel = await self._subscribe(connection)
             except QueueNotFound as exc:
+                self._missing = True
                 self._problem = f"queue {self.queue!r} not found in vhost {self.vhost!r}"
                 logger.error(
                     "cannot consume queue %r in vhost %r: it does not exist (%s); the other "
                     "queues go on, and this one is retried in %.0f s (use "
-                    "route(..., declare=True) to declare it)",
+                    "route(..., declare=True) or a Queue(...) to declare it)",
                     self.queue,
                     self.vhost,
                     exc.reply_text,
@@ -160,6 +173,7 @@ class Consumer:
                     self.vhost,
                 )
                 self._problem = f"consumer of queue {self.queue!r} cancelled by the broker"
+                self._missing = True
                 self._on_cancelled(self.queue)
                 with trio.move_on_after(5) as scope:
                     scope.shield = True
@@ -169,11 +183,12 @@ class Consumer:
             task_status.started()
 
     async def _subscribe(self, connection: Connection) -> Channel:
+        if self._missing and self._redeclare is not None:
+            await self._redeclare(connection)
+            self._missing = False
         channel = await connection.channel()
         try:
             await channel.qos(self._prefetch)
-            if self._declare:
-                await channel.queue_declare(self.queue, durable=True)
             self._wake = trio.Event()
             self._received_before = self._intake.received
             self._consumer_tag = await channel.consume(
@@ -300,7 +315,7 @@ def consumers_for(
     app: AppHandle,
     route: str,
     prefetch: int,
-    declare: bool,
+    redeclare: Callable[[str], Callable[[Connection], Awaitable[None]] | None],
     bulk: tuple[int, float] | None,
     stop: trio.Event,
     on_cancelled: Callable[[str], None],
@@ -308,7 +323,9 @@ def consumers_for(
     """One consumer per queue of a route, each with its dispatcher and the route's chain.
 
     ``layers`` wrap ``handler``, the first outermost (the settlement policy);
-    ``bulk`` is ``(bulk_size, bulk_flush_interval)`` on a bulk route.
+    ``bulk`` is ``(bulk_size, bulk_flush_interval)`` on a bulk route;
+    ``redeclare(queue)`` is what declares a queue again once it is found
+    missing (None for a queue the App does not declare).
     """
     consumers = []
     for queue in queues:
@@ -326,7 +343,7 @@ def consumers_for(
                 dispatcher,
                 route=route,
                 prefetch=prefetch,
-                declare=declare,
+                redeclare=redeclare(queue),
                 stop=stop,
                 on_cancelled=on_cancelled,
             )

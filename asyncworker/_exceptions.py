@@ -8,7 +8,8 @@ The hierarchy::
     ├── ConnectionClosed             an open connection was lost or closed by the broker
     ├── ChannelClosed                the broker closed a channel (reply_code / reply_text say why)
     │   ├── QueueNotFound            a queue that was used does not exist (404)
-    │   └── ExchangeNotFound         an exchange that was used does not exist (404)
+    │   ├── ExchangeNotFound         an exchange that was used does not exist (404)
+    │   └── TopologyError            the broker refused to declare an exchange, queue or binding
     ├── PublishError                 a publish was not accepted
     │   ├── PublishNacked            the broker answered basic.nack to a confirmed publish
     │   ├── Unroutable               a mandatory publish was returned: no queue was bound
@@ -38,6 +39,7 @@ __all__ = [
     "PublishTimeout",
     "QueueNotFound",
     "StartupError",
+    "TopologyError",
     "Unroutable",
 ]
 
@@ -106,6 +108,48 @@ class ExchangeNotFound(ChannelClosed):
     declaration of one.  Declare it (``Exchange(...)`` in a ``Binding``, or
     ``App.declare``), or fix its name.
     """
+
+
+class TopologyError(ChannelClosed):
+    """The broker refused to declare part of an App's topology: ``serve()`` did not start.
+
+    Most often a 406 PRECONDITION_FAILED: the exchange or queue exists with
+    other arguments than the App declares (RabbitMQ never changes an
+    existing queue's arguments).  Also a 403 (no permission to declare) or a
+    404 (a binding to an exchange that does not exist).  The message is one
+    line naming the entity, the argument and both values when the broker
+    gave them, and what to do.
+
+    Attributes:
+        reply_code: the AMQP reply code (406, 403, 404).
+        reply_text: the broker's own reason.
+        entity: what was declared, e.g. ``queue 'orders'``.
+        vhost: its vhost.
+        argument: on a 406 conflict, the argument that differs (``x-queue-type``), else None.
+        received: on a 406 conflict, the value the App declared, as the broker wrote it.
+        current: on a 406 conflict, the value on the broker, as the broker wrote it.
+    """
+
+    def __init__(
+        self,
+        reply_text: str,
+        reply_code: int = 0,
+        *,
+        entity: str = "",
+        vhost: str = "",
+        message: str = "",
+        argument: str | None = None,
+        received: str | None = None,
+        current: str | None = None,
+    ) -> None:
+        super().__init__(reply_text, reply_code)
+        if message:
+            self.args = (message,)
+        self.entity = entity
+        self.vhost = vhost
+        self.argument = argument
+        self.received = received
+        self.current = current
 
 
 class PublishError(AsyncWorkerError):

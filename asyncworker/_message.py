@@ -24,6 +24,7 @@ from ._exceptions import MessageDecodeError
 
 if TYPE_CHECKING:
     from ._statistics import AppStatistics
+    from ._topology import Queue
     from ._transports import Channel, Delivery, Properties
 
 __all__ = ["AppHandle", "Batch", "Message", "Settleable", "Settlement", "mark_republished"]
@@ -77,13 +78,17 @@ class AppHandle(Protocol):
 
     async def declare_queue(
         self,
-        name: str,
+        name: str | Queue,
         *,
         vhost: str | None = None,
         durable: bool = True,
         arguments: dict[str, Any] | None = None,
     ) -> None:
-        """Declare a queue (``App.declare_queue``)."""
+        """Declare a queue, by name or as a ``Queue`` (``App.declare_queue``)."""
+        ...
+
+    def declared_queue(self, name: str, *, vhost: str | None = None) -> Queue | None:
+        """The ``Queue`` the App declares under ``name``, or None (``App.declared_queue``)."""
         ...
 
     async def shutdown(self) -> None:

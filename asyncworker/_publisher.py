@@ -40,6 +40,7 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from . import _instrumentation
+from ._declare import declare_on_channel
 from ._exceptions import (
     AsyncWorkerError,
     AuthenticationError,
@@ -50,6 +51,7 @@ from ._exceptions import (
     PublishTimeout,
     QueueNotFound,
 )
+from ._topology import Queue, Topology
 
 if TYPE_CHECKING:
     from ._transports import Channel, Connection, ConnectionParams, Properties
@@ -244,11 +246,29 @@ class Publisher:
         self._count(vhost, self.confirmed)
 
     async def declare_queue(
-        self, name: str, *, vhost: str, durable: bool, arguments: dict[str, Any] | None
+        self, name: str | Queue, *, vhost: str, durable: bool, arguments: dict[str, Any] | None
     ) -> None:
-        """Declare a queue on a publishing channel of ``vhost``."""
-        async with self._channel(vhost) as channel:
-            await channel.queue_declare(name, durable=durable, arguments=arguments)
+        """Declare a queue on a channel of its own on the publishing connection of ``vhost``.
+
+        Of its own: a refusal (406) closes the channel it was declared on, and
+        must not fail the publishes sharing the confirm channel.  A ``Queue``
+        record is declared with its bindings and the exchanges they name
+        (``_declare``); a refusal raises ``TopologyError``.
+        """
+        async with self._channel(vhost) as shared:
+            connection = self._connections.get(vhost)
+            own = await connection.channel() if connection is not None else shared
+            try:
+                if isinstance(name, Queue):
+                    topology = Topology(vhost)
+                    topology.add(name)
+                    await declare_on_channel(own, topology)
+                else:
+                    await own.queue_declare(name, durable=durable, arguments=arguments)
+            finally:
+                if own is not shared and own.is_open:
+                    with trio.CancelScope(shield=True), trio.move_on_after(5):
+                        await own.close()
 
     @staticmethod
     def _count(vhost: str, counts: dict[str, int]) -> None:

@@ -19,7 +19,8 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from ._exceptions import ChannelClosed, ConnectError, ConnectionClosed
+from ._declare import Declarer, Step
+from ._exceptions import ChannelClosed, ConnectError, ConnectionClosed, TopologyError
 from ._util import sleep_unless, wait_first
 
 if TYPE_CHECKING:
@@ -129,13 +130,18 @@ class Supervisor:
         backoff: Backoff,
         stop: trio.Event,
         on_drained: Callable[[str], Awaitable[None]],
+        declarer: Declarer | None = None,
         task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
     ) -> None:
         """Keep the connection open until ``stop``; then drain the consumers and return.
 
-        Reports started once every consumer is registered on the first
-        connection.  A failure of that first connection raises
-        ``ConnectError`` (the App does not start); later ones are retried.
+        On every connection, ``declarer`` (the vhost's topology) declares
+        first, then the consumers start.  Reports started once the topology
+        is declared and every consumer is registered on the first connection.
+        A failure of that first connection raises ``ConnectError`` (the App
+        does not start), a refused declaration ``TopologyError``; later ones
+        are retried, a refused declaration holding back only the consumer of
+        its queue.
         """
         try:
             vhost = self.vhost
@@ -150,10 +156,31 @@ class Supervisor:
                     try:
                         async with connector(params) as connection:
                             self.connection = connection
+                            refused: list[Step] = []
+                            if declarer:
+                                # Before the consumers, and before publishes waiting
+                                # for this vhost go out: what they need is there.
+                                refused = await declarer.declare(connection, strict=first)
                             connected.set()
+                            held = {step.queue_name for step in refused} - {None}
                             async with trio.open_nursery() as generation:
                                 for consumer in consumers:
-                                    await generation.start(consumer.run, connection, workers)
+                                    if consumer.queue in held:
+                                        consumer.hold("its declaration was refused: retrying")
+                                    else:
+                                        await generation.start(consumer.run, connection, workers)
+                                if refused and declarer is not None:
+                                    generation.start_soon(
+                                        self._redeclare,
+                                        declarer,
+                                        connection,
+                                        refused,
+                                        consumers,
+                                        workers,
+                                        generation,
+                                        backoff,
+                                        stop,
+                                    )
                                 if first:
                                     first = False
                                     self._report(ConnectionEvent("connected", vhost))
@@ -208,6 +235,28 @@ class Supervisor:
         finally:
             self.connected = None
 
+    @staticmethod
+    async def _redeclare(
+        declarer: Declarer,
+        connection: Connection,
+        refused: list[Step],
+        consumers: Sequence[Consumer],
+        workers: trio.Nursery,
+        generation: trio.Nursery,
+        backoff: Backoff,
+        stop: trio.Event,
+    ) -> None:
+        """Retry what the broker refused to declare after a reconnect; start the
+        consumer of each queue once it is declared."""
+        by_queue = {consumer.queue: consumer for consumer in consumers}
+
+        def start(queue: str) -> None:
+            consumer = by_queue.get(queue)
+            if consumer is not None:
+                generation.start_soon(consumer.run, connection, workers)
+
+        await declarer.retry(connection, refused, delay=backoff.delay, stop=stop, on_declared=start)
+
 
 def report_event(
     callback: Callable[[ConnectionEvent], Any] | None,
@@ -237,6 +286,6 @@ async def _await_logged(awaitable: Awaitable[Any], event: ConnectionEvent) -> No
 
 
 def _startup_error(exc: BaseException, params: ConnectionParams) -> BaseException:
-    if isinstance(exc, ConnectError):
+    if isinstance(exc, ConnectError | TopologyError):
         return exc
     return ConnectError(f"cannot connect to {params.display}: {exc}")

@@ -60,9 +60,10 @@ class TestClient:
 
     * makes a fresh ``MemoryBroker`` of its own (``client.broker``; it is not
       registered under any name, so ``memory://`` URLs never reach it),
-    * creates the vhost of every route on it and declares every route's
-      queues (durable; with the arguments given in ``queues`` if any), so a
-      test needs no setup,
+    * creates the vhosts the App uses on it and declares every route's
+      queues given by name (durable; with the arguments given in ``queues``
+      if any), so a test needs no setup; the App declares its own ``Queue``
+      objects, exchanges and bindings itself, as in production,
     * hands the App a connector bound to that broker for the duration of the
       block (``App.reconfigured()``: the App's own settings are restored on
       exit; the App object is otherwise untouched),
@@ -153,7 +154,10 @@ class TestClient:
         default_vhost = app.vhost
         routed: dict[str, set[str]] = {}
         for route in app.routes:
-            routed.setdefault(route.vhost, set()).update(route.queues)
+            # Queue objects are the App's to declare (a quorum queue declared
+            # here as classic would make the App's own declaration fail).
+            own = {queue.name for queue in route.declared}
+            routed.setdefault(route.vhost, set()).update(set(route.queues) - own)
         routed.setdefault(default_vhost, set())
         extra = {name for name in self._queues if not any(name in qs for qs in routed.values())}
         routed[default_vhost] |= extra
@@ -377,7 +381,13 @@ class TestClient:
         return self.app.vhost
 
     def _connect(self, params: ConnectionParams) -> AbstractAsyncContextManager[Connection]:
-        """The App's connector while the client runs: every connection reaches its broker."""
+        """The App's connector while the client runs: every connection reaches its broker.
+
+        The vhost is created first: the vhosts the App uses (its routes', its
+        ``App.declare(..., vhost=...)``'s, its publishes') all exist, as an
+        operator would have set them up.
+        """
+        self._broker.add_vhost(params.vhost)
         return connect_memory(params, broker=self._broker)
 
 

@@ -10,7 +10,9 @@ from collections.abc import Callable
 from typing import Any, ClassVar, Literal, TypeAlias
 
 from .._chain import CallNext
+from .._exceptions import TopologyError
 from .._message import AppHandle, Message, mark_republished
+from .._topology import Queue, dead_letter_queue, delay_queue
 from .._util import suggest_keywords
 
 __all__ = ["Retry"]
@@ -37,6 +39,9 @@ Delay: TypeAlias = float | Callable[[int], float] | None
 OnExhausted: TypeAlias = Callable[[Message, Exception], Any]
 
 _MAX_ERROR_LENGTH = 1024
+# The (vhost, queue) siblings found with other arguments and used as they are:
+# warned about once per process.
+_USED_AS_IS: set[tuple[str, str]] = set()
 _MAX_LAST_ERROR_LENGTH = 256
 
 
@@ -70,8 +75,9 @@ class Retry:
       ``<queue>.retry.<delay_ms>`` (declared with ``x-message-ttl`` =
       delay_ms, ``x-dead-letter-exchange`` = ``""`` and
       ``x-dead-letter-routing-key`` = ``<queue>``, so the broker moves it
-      back after the delay).  Once the broker confirmed the copy, the
-      original is acked.  A warning is logged;
+      back after the delay; of the type of the queue served, see below).
+      Once the broker confirmed the copy, the original is acked.  A warning
+      is logged;
     * after the last attempt: ``on_exhausted(message, exc)`` is called if
       given (it may settle the message itself, e.g. ack it after storing it
       elsewhere, and then nothing more is done), then the message is
@@ -79,9 +85,17 @@ class Retry:
       is published to the durable queue ``<queue>.dlq`` (declared if needed)
       with the headers ``x-asyncworker-error`` (exception type and message),
       ``x-asyncworker-attempts`` and ``x-asyncworker-original-queue``, then the
-      original is acked.  With ``dead_letter="dlx"``, it is rejected without
-      requeue, so that the queue's own ``x-dead-letter-exchange`` takes it (a
-      queue without one drops it).
+      original is acked; ``dead_letter=Queue(...)`` does the same into that
+      queue, declared as given.  With ``dead_letter="dlx"``, it is rejected
+      without requeue, so that the queue's own ``x-dead-letter-exchange``
+      takes it (a queue without one drops it).
+
+    **Sibling queues.**  ``<queue>.dlq`` and the delay queues match the queue
+    Retry serves when the App declares it as a ``Queue``: a quorum queue gets
+    quorum siblings (replicated like it), a classic one classic siblings.  A
+    queue the route names only by string gets classic siblings.  A sibling
+    that exists with other arguments (406 PRECONDITION_FAILED) is used as it
+    is, with a warning: Retry never loops on a refused declaration.
 
     A message is never lost on the way: if a publish fails or is not
     confirmed, the original exception is re-raised and the settlement policy
@@ -104,8 +118,9 @@ class Retry:
             ``attempt -> seconds`` of the number of the attempt that failed
             (1 for the first), e.g. ``lambda n: 0.5 * 2 ** n`` for an
             exponential backoff.  Each distinct delay gets its own delay queue.
-        dead_letter: ``"dlq"`` (publish to ``<queue>.dlq``) or ``"dlx"``
-            (reject to the queue's dead-letter exchange).
+        dead_letter: ``"dlq"`` (publish to ``<queue>.dlq``), a ``Queue``
+            (publish to that queue, declared as given), or ``"dlx"`` (reject
+            to the queue's dead-letter exchange).
         on_exhausted: called as ``on_exhausted(message, exc)`` (sync or
             async) when the last attempt failed, before dead-lettering.
     """
@@ -120,7 +135,7 @@ class Retry:
         max_attempts: int = 5,
         *,
         delay: Delay = None,
-        dead_letter: Literal["dlq", "dlx"] = "dlq",
+        dead_letter: Literal["dlq", "dlx"] | Queue = "dlq",
         on_exhausted: OnExhausted | None = None,
     ) -> None:
         if isinstance(max_attempts, bool) or not isinstance(max_attempts, int):
@@ -140,10 +155,11 @@ class Retry:
                 raise ValueError(
                     f"Retry(delay=...) must be a finite number of seconds >= 0, got {delay!r}"
                 )
-        if dead_letter not in ("dlq", "dlx"):
+        if not isinstance(dead_letter, Queue) and dead_letter not in ("dlq", "dlx"):
             raise ValueError(
-                f"Retry(dead_letter=...) must be 'dlq' (publish to <queue>.dlq) or 'dlx' "
-                f"(reject to the queue's dead-letter exchange), got {dead_letter!r}"
+                f"Retry(dead_letter=...) must be 'dlq' (publish to <queue>.dlq), a Queue(...) "
+                f"(publish to it) or 'dlx' (reject to the queue's dead-letter exchange), got "
+                f"{dead_letter!r}"
             )
         if on_exhausted is not None and not callable(on_exhausted):
             raise TypeError(
@@ -153,7 +169,7 @@ class Retry:
         self.max_attempts = max_attempts
         #: The delay before a retry (None, seconds, or attempt -> seconds).
         self.delay = delay
-        #: ``"dlq"`` or ``"dlx"``.
+        #: ``"dlq"``, ``"dlx"`` or the ``Queue`` dead-lettered messages go to.
         self.dead_letter = dead_letter
         #: Called when the last attempt failed.
         self.on_exhausted = on_exhausted
@@ -201,17 +217,10 @@ class Retry:
         target = message.queue
         try:
             if delay_ms:
-                target = f"{message.queue}.retry.{delay_ms}"
-                await app.declare_queue(
-                    target,
-                    vhost=message.vhost,
-                    durable=True,
-                    arguments={
-                        "x-message-ttl": delay_ms,
-                        "x-dead-letter-exchange": "",
-                        "x-dead-letter-routing-key": message.queue,
-                    },
-                )
+                served = app.declared_queue(message.queue, vhost=message.vhost)
+                sibling = delay_queue(served, message.queue, delay_ms)
+                target = sibling.name
+                await declare_sibling(app, sibling, message.vhost)
             await _publish_copy(app, message, target, headers)
         except Exception as publish_exc:
             logger.error(
@@ -268,13 +277,18 @@ class Retry:
             await message.reject(requeue=False)
             return True
         app = _app_of(message, exc)
-        dlq = f"{message.queue}.dlq"
+        if isinstance(self.dead_letter, Queue):
+            sibling = self.dead_letter
+        else:
+            served = app.declared_queue(message.queue, vhost=message.vhost)
+            sibling = dead_letter_queue(served, message.queue)
+        dlq = sibling.name
         headers = _copy_headers(message)
         headers[ERROR_HEADER] = _describe(exc)
         headers[ATTEMPTS_HEADER] = attempt
         headers[ORIGINAL_QUEUE_HEADER] = message.queue
         try:
-            await app.declare_queue(dlq, vhost=message.vhost, durable=True)
+            await declare_sibling(app, sibling, message.vhost)
             await _publish_copy(app, message, dlq, headers)
         except Exception as publish_exc:
             logger.error(
@@ -329,6 +343,29 @@ class Retry:
             )
             return 0.0
         return seconds
+
+
+async def declare_sibling(app: AppHandle, queue: Queue, vhost: str) -> None:
+    """Declare a queue Retry publishes into (``<queue>.dlq``, a delay queue).
+
+    If it exists with other arguments (406: say a classic ``<queue>.dlq``
+    made by an older version, now that the queue it serves is a quorum
+    queue), it is used as it is: it exists, and the copy can go there.  A
+    warning says how to make it match.  Any other failure raises.
+    """
+    try:
+        await app.declare_queue(queue, vhost=vhost)
+    except TopologyError as exc:
+        if exc.reply_code != 406 or exc.argument is None:
+            raise
+        if (vhost, queue.name) in _USED_AS_IS:
+            return
+        _USED_AS_IS.add((vhost, queue.name))
+        logger.warning(
+            "%s; Retry uses it as it is (delete it once empty to have it declared as %r)",
+            exc,
+            queue,
+        )
 
 
 def attempt_number(message: Message) -> int:

@@ -298,28 +298,31 @@ async def test_deleted_queue_is_consumed_again_once_recreated(
 async def test_consumer_retries_a_channel_error_without_a_reconnect(
     broker: Broker, caplog: pytest.LogCaptureFixture
 ) -> None:
-    # The queue exists with other arguments: declare=True fails with 406
-    # PRECONDITION_FAILED on the consumer's channel while the connection
-    # stays open.  The consumer must keep trying, not vanish until the next
+    # The queue is exclusive to another connection: consuming it fails with
+    # 405 RESOURCE_LOCKED on the consumer's channel while the connection stays
+    # open.  The consumer must keep trying, not vanish until the next
     # reconnection.
-    queue = await broker.declare("mismatch", **{"x-max-length": 1000})
+    queue = unique("locked")
     app = App(url=BROKER_URL, prefetch_count=4)
     seen: list[bytes] = []
 
-    @app.route([queue], declare=True)
+    @app.route([queue])
     async def handler(message: Message) -> None:
         seen.append(message.body)
 
     with trio.fail_after(40):
-        async with serving(app):
-            await wait_for(
-                lambda: any("PRECONDITION_FAILED" in r.getMessage() for r in caplog.records)
-            )
-            await broker.channel.queue_delete(queue)
-            await broker.channel.queue_declare(queue, durable=True)
-            await broker.publish(queue, b"fixed")
-            await wait_for(lambda: seen == [b"fixed"], timeout=20)
-            assert app.statistics().reconnects == {"/": 0}
+        async with open_broker() as owner:
+            await owner.channel.queue_declare(queue, exclusive=True, durable=False)
+            async with serving(app):
+                await wait_for(
+                    lambda: any("RESOURCE_LOCKED" in r.getMessage() for r in caplog.records)
+                )
+                await owner.channel.queue_delete(queue)
+                await broker.channel.queue_declare(queue, durable=True)
+                broker.declared.append(queue)
+                await broker.publish(queue, b"fixed")
+                await wait_for(lambda: seen == [b"fixed"], timeout=20)
+                assert app.statistics().reconnects == {"/": 0}
 
 
 # -- 4. publishing across a fault ----------------------------------------------------------------

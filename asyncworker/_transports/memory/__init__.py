@@ -93,7 +93,7 @@ Modelled:
   close_connection``: 320 CONNECTION_FORCED, for reconnection tests.
 
 Not modelled: a negative ``x-delivery-limit`` (RabbitMQ 3.10 accepts one; the
-memory broker refuses it, 406),
+memory broker refuses it, 406, and ``Queue`` refuses it too),
 exchange-to-exchange bindings, alternate exchanges,
 ``x-expires``, ``x-max-length-bytes``, streams, consumer priorities,
 auto-delete exchanges, transactions, ``basic.recover``, flow control,
