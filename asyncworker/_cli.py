@@ -4,6 +4,7 @@
 
     asyncworker run module:app [--url URL] [--workers N] [--log-level LEVEL] [--http HOST:PORT]
     asyncworker publish QUEUE [BODY | --file F] [--url URL] [--count N] [--header K=V ...]
+    asyncworker declare module:app [--url URL]
     asyncworker demo [--messages N] [--verbose]
     asyncworker --version
 
@@ -139,6 +140,24 @@ def _parser() -> argparse.ArgumentParser:
     publish.add_argument("--exchange", default="", metavar="E", help="exchange (default: '')")
     publish.add_argument("--vhost", metavar="V", help="vhost (default: the URL's)")
     publish.set_defaults(func=_cmd_publish)
+
+    declare = commands.add_parser(
+        "declare",
+        help="declare an App's exchanges, queues and bindings, then exit",
+        description=(
+            "Import MODULE and declare its App's whole topology (the routes' Queue objects and "
+            "what app.declare() registered: exchanges, then queues, then bindings), then exit: "
+            "deployment pipelines run it before rolling out workers.  Exit status 1, with one "
+            "line, if the broker refuses a declaration (a queue that exists with other "
+            "arguments: 406) or cannot be reached.  --url, else ASYNCWORKER_URL, replaces the "
+            "App's broker URL."
+        ),
+    )
+    declare.add_argument(
+        "target", metavar="MODULE:APP", help="e.g. myworker:app (APP defaults to app)"
+    )
+    declare.add_argument("--url", help="broker URL; overrides the App's and ASYNCWORKER_URL")
+    declare.set_defaults(func=_cmd_declare)
 
     demo = commands.add_parser(
         "demo",
@@ -396,6 +415,39 @@ def _run_workers(
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+# -- declare ------------------------------------------------------------------------
+
+
+def _cmd_declare(args: argparse.Namespace) -> int:
+    from ._exceptions import AsyncWorkerError
+
+    url = _resolve_url(args.url)
+    app = load_app(args.target)
+    with reconfigure(app, url, None):
+        if app.url.startswith("memory://"):
+            raise UsageError(
+                f"cannot declare on {app.url!r}: a memory:// broker lives inside one process; "
+                "give the URL of a RabbitMQ broker (--url amqp://user:pass@host:port/vhost)"
+            )
+        try:
+            declared = trio.run(app.declare_topology)
+        except AsyncWorkerError as exc:
+            print(f"asyncworker: {exc}", file=sys.stderr)
+            return 1
+        display = app.url
+    if not declared:
+        print(
+            f"asyncworker: {args.target} declares no exchange or queue (give its routes Queue "
+            "objects, or use app.declare(...)); nothing to do",
+            file=sys.stderr,
+        )
+        return 0
+    for what in declared:
+        print(f"declared {what}")
+    print(f"{len(declared)} declaration(s) on {display}")
+    return 0
 
 
 # -- publish ------------------------------------------------------------------------

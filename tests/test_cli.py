@@ -331,6 +331,88 @@ def test_publish_to_a_memory_url_says_it_needs_rabbitmq() -> None:
     assert "a memory:// broker lives inside one process" in result.stderr
 
 
+# -- declare ------------------------------------------------------------------------------
+
+
+def write_topology(tmp_path: Path, queue: str, exchange: str, queue_type: str) -> None:
+    """A module whose App declares a queue bound to a topic exchange, and a dead-letter queue."""
+    (tmp_path / "topo.py").write_text(
+        textwrap.dedent(
+            f"""
+            from asyncworker import App, Binding, Exchange, Queue
+
+            app = App(url="amqp://guest:guest@127.0.0.1:1/")
+            events = Exchange({exchange!r}, "topic")
+            orders = Queue({queue!r}, {queue_type!r}, bindings=[Binding(events, "order.*")])
+            app.declare(Queue({queue + ".dlq"!r}))
+
+            @app.route([orders])
+            async def handle(message):
+                pass
+            """
+        )
+    )
+
+
+@pytest.mark.rabbitmq
+async def test_declare_declares_the_whole_topology_and_exits(
+    broker: Broker, tmp_path: Path
+) -> None:
+    queue, exchange = broker.queue_name("cli-declare"), broker.exchange_name("cli-events")
+    write_topology(tmp_path, queue, exchange, "quorum")
+    result = await trio.to_thread.run_sync(
+        lambda: run_cli("declare", "topo:app", "--url", BROKER_URL, cwd=tmp_path)
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == [
+        f"declared exchange {exchange!r} in vhost '/'",
+        # In registration order: app.declare() comes before the route in the module.
+        f"declared queue {queue + '.dlq'!r} in vhost '/'",
+        f"declared queue {queue!r} in vhost '/'",
+        f"declared binding of queue {queue!r} to exchange {exchange!r} with routing key "
+        "'order.*' in vhost '/'",
+        "4 declaration(s) on amqp://guest:***@127.0.0.1:5672/%2F",
+    ]
+    # The binding works: what docs/cli.md's `publish --exchange` example needs.
+    published = await trio.to_thread.run_sync(
+        lambda: run_cli(
+            "publish", "order.created", '{"id": 1}', "--exchange", exchange, "--url", BROKER_URL
+        )
+    )
+    assert published.returncode == 0, published.stderr
+    assert await broker.count(queue) == 1
+    # Declaring again changes nothing and succeeds (deployments run it every time).
+    again = await trio.to_thread.run_sync(
+        lambda: run_cli("declare", "topo:app", "--url", BROKER_URL, cwd=tmp_path)
+    )
+    assert again.returncode == 0, again.stderr
+    assert await broker.count(queue) == 1
+
+
+@pytest.mark.rabbitmq
+async def test_declare_a_conflict_is_one_line_and_exit_1(broker: Broker, tmp_path: Path) -> None:
+    queue = await broker.declare("cli-conflict")  # classic
+    exchange = broker.exchange_name("cli-events")
+    write_topology(tmp_path, queue, exchange, "quorum")
+    result = await trio.to_thread.run_sync(
+        lambda: run_cli("declare", "topo:app", "--url", BROKER_URL, cwd=tmp_path)
+    )
+    assert result.returncode == 1
+    assert result.stderr.count("\n") == 1, result.stderr
+    assert result.stderr.startswith(
+        f"asyncworker: queue {queue!r} in vhost '/' exists with x-queue-type none (not set), "
+        "and this App declares 'quorum'"
+    ), result.stderr
+
+
+def test_declare_on_a_memory_url_says_it_needs_rabbitmq(tmp_path: Path) -> None:
+    write_topology(tmp_path, "q", "e", "classic")
+    result = run_cli("declare", "topo:app", "--url", "memory://", cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1
+    assert "a memory:// broker lives inside one process" in result.stderr
+
+
 # -- run --workers ------------------------------------------------------------------------
 
 
