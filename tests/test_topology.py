@@ -337,3 +337,33 @@ async def test_a_queue_deleted_while_running_is_declared_again_with_its_bindings
             await channel.publish(b"again", exchange="events", routing_key="order.created")
             await client.wait_until_idle()
     assert seen == [b"again"]
+
+
+async def test_topology_without_a_vhost_follows_the_apps_url(mem: MemoryBroker) -> None:
+    mem.add_vhost("other")
+    worker = App(url=mem.url)
+
+    @worker.route([Queue("orders")])
+    async def handle(message: Message) -> None: ...
+
+    worker.declare(Queue("audit"), vhost="other")
+    with trio.fail_after(10):
+        assert await worker.declare_topology() == [
+            "queue 'orders' in vhost '/'",
+            "queue 'audit' in vhost 'other'",
+        ]
+        # A route without vhost= consumes the URL's vhost as it serves: its
+        # Queue objects are declared there, with what declare() put there.
+        with worker.reconfigured(url=f"{mem.url}/other"):
+            assert worker.declared_queue("orders") == Queue("orders")
+            assert await worker.declare_topology() == [
+                "queue 'orders' in vhost 'other'",
+                "queue 'audit' in vhost 'other'",
+            ]
+    assert mem.has_queue("other", "orders")
+    worker.declare(Queue("orders", "quorum"), vhost="other")
+    with (
+        worker.reconfigured(url=f"{mem.url}/other"),
+        pytest.raises(ValueError, match="queue 'orders' in vhost 'other' is declared twice"),
+    ):
+        await worker.declare_topology()
